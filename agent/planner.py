@@ -1,0 +1,143 @@
+"""Batched MPPI planning with a TD-MPC2 world model (official semantics), plus policy-prior acting.
+
+One `act` call plans for E environments of any mix of tasks. Per-environment warm-start state
+(the previous plan's mean) lives in the agent.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from agent.config import PlannerConfig, discount_for
+from agent.rollout import PlanningKernels
+from agent.world_model import WorldModel
+
+
+class Agent:
+    """Acts with a world model: MPPI (cfg.mpc) or the policy prior.
+
+    `Agent(model, **overrides)` — overrides are PlannerConfig fields (iterations, num_samples,
+    num_elites, num_pi_trajs, horizon, min_std, max_std, temperature, mpc, ...).
+    `seed` seeds the agent's own torch generator stream (planning noise) when given.
+    """
+
+    def __init__(self, model: WorldModel, seed: int | None = None, **overrides: Any):
+        self.model = model
+        self.cfg = PlannerConfig().override(**overrides)
+        self.discount = discount_for(self.cfg.episode_length, self.cfg.discount_denom, self.cfg.discount_min,
+                                     self.cfg.discount_max)
+        self._prev_mean: torch.Tensor | None = None  # (E, horizon, action_dim)
+        self.chunk_rows = 2048  # rows per value-estimation chunk (whole environments)
+        self.seed = seed
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reset(self) -> None:
+        """Forget every environment's warm start."""
+        self._prev_mean = None
+
+    @torch.inference_mode()
+    def act(self, obs: torch.Tensor, task: torch.Tensor | None = None, t0: torch.Tensor | bool = True,
+            eval_mode: bool = True) -> torch.Tensor:
+        """obs: (E, obs_dim) float32; task: (E,) int64; t0: (E,) bool (True where an episode just
+        started) or one bool for all. Returns actions (E, action_dim) in [-1, 1], zero beyond
+        each task's action dim."""
+        was_training = self.model.training
+        self.model.eval()
+        # SimNorm/exp produce float32 denormals, which are ~20x slower to multiply on x86
+        torch.set_flush_denormal(True)
+        try:
+            obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+            if obs.dim() == 1:
+                obs = obs.unsqueeze(0)
+            num_envs = obs.shape[0]
+            if task is not None:
+                task = torch.as_tensor(task, dtype=torch.long, device=self.device).reshape(num_envs)
+            elif self.model.multitask:
+                raise ValueError("a multi-task model needs task ids (E,)")
+            t0 = torch.as_tensor(t0, dtype=torch.bool, device=self.device).expand(num_envs)
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+                self.seed = None  # seed the stream once; later calls continue it
+            if self.cfg.mpc:
+                return self._plan(obs, task, t0, eval_mode)
+            z = self.model.encode(obs, task)
+            action, info = self.model.pi(z, task)
+            action = info["mean"] if eval_mode else action
+            mask = self.model.action_mask(task)
+            return action * mask if mask is not None else action
+        finally:
+            self.model.train(was_training)
+            torch.set_flush_denormal(False)
+
+    def _plan(self, obs: torch.Tensor, task: torch.Tensor | None, t0: torch.Tensor, eval_mode: bool) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        E, H, S, P, K = obs.shape[0], cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, cfg.num_elites
+        A = model.cfg.action_dim
+        nets = PlanningKernels(model, task, E)
+        z0 = nets.encode(obs, task)  # (E, L)
+        env_mask = model.action_mask(task) if model.multitask else torch.ones(E, A, device=obs.device)  # (E, A)
+
+        # policy-prior trajectories: (H, E, P, A)
+        actions = torch.empty(H, E, S, A, device=obs.device)
+        if P > 0:
+            z = z0.repeat_interleave(P, 0)
+            mask_p = env_mask.repeat_interleave(P, 0)
+            for t in range(H):
+                actions[t, :, :P] = nets.pi(z, mask_p).view(E, P, A)
+                if t < H - 1:
+                    z = nets.step(z, actions[t, :, :P].reshape(E * P, A))[1]
+
+        mean = torch.zeros(E, H, A, device=obs.device)
+        std = torch.full((E, H, A), cfg.max_std, device=obs.device)
+        if self._prev_mean is not None and self._prev_mean.shape == mean.shape:
+            keep = ~t0
+            mean[keep, :-1] = self._prev_mean[keep, 1:]
+        z_samples = z0.repeat_interleave(S, 0)  # (E * S, L)
+        mask_s = env_mask.repeat_interleave(S, 0)
+        mask_b = env_mask.view(1, E, 1, A)
+        for _ in range(cfg.iterations):
+            noise = torch.randn(H, E, S - P, A, device=obs.device)
+            sampled = mean.transpose(0, 1).unsqueeze(2) + std.transpose(0, 1).unsqueeze(2) * noise
+            actions[:, :, P:] = sampled.clamp(-1, 1)
+            actions.mul_(mask_b)
+            value = self._estimate_value(nets, z_samples, actions.view(H, E * S, A), mask_s).nan_to_num(0).view(E, S)
+            elite_value, elite_idx = torch.topk(value, K, dim=1)  # (E, K)
+            elite_actions = torch.gather(actions, 2, elite_idx.view(1, E, K, 1).expand(H, E, K, A))  # (H, E, K, A)
+            score = torch.exp(cfg.temperature * (elite_value - elite_value.max(1, keepdim=True).values))
+            score = score / score.sum(1, keepdim=True)  # (E, K)
+            weights = score.view(1, E, K, 1)
+            denom = score.sum(1).view(1, E, 1) + 1e-9
+            mean_h = (weights * elite_actions).sum(2) / denom  # (H, E, A)
+            std_h = ((weights * (elite_actions - mean_h.unsqueeze(2)) ** 2).sum(2) / denom).sqrt()
+            mean = (mean_h * env_mask).transpose(0, 1)
+            std = (std_h.clamp(cfg.min_std, cfg.max_std) * env_mask).transpose(0, 1)
+
+        chosen = torch.multinomial(score, 1).squeeze(1)  # one elite per env, drawn by score
+        action = elite_actions[0, torch.arange(E, device=obs.device), chosen]  # (E, A)
+        if not eval_mode:
+            action = action + std[:, 0] * torch.randn(E, A, device=obs.device)
+        self._prev_mean = mean.clone()
+        return action.clamp(-1, 1)
+
+    def _estimate_value(self, nets: PlanningKernels, z: torch.Tensor, actions: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+        """z: (E * S, L), actions: (H, E * S, A) -> discounted return + terminal value (E * S, 1).
+
+        Rows are processed in chunks of whole environments so that activations stay in cache."""
+        samples = self.cfg.num_samples
+        envs_per_chunk = max(1, self.chunk_rows // samples)
+        out = torch.empty(z.shape[0], 1, device=z.device)
+        for first in range(0, z.shape[0] // samples, envs_per_chunk):
+            envs = slice(first, min(first + envs_per_chunk, nets.E))
+            rows = slice(envs.start * samples, envs.stop * samples)
+            z_chunk, ret, discount = z[rows], 0.0, 1.0
+            for t in range(actions.shape[0]):
+                reward, z_chunk = nets.step(z_chunk, actions[t, rows], envs)
+                ret = ret + discount * reward
+                discount *= self.discount
+            out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs), envs)
+        return out

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 
+# log(1 + |x|) and exp(|x|) - 1 rather than log1p/expm1: the official float32 rounding.
 def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
+    return torch.sign(x) * torch.log(1 + x.abs())
 
 
 def symexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.expm1(x.abs())
+    return torch.sign(x) * (torch.exp(x.abs()) - 1)
 
 
 def bins(num_bins: int = 101, vmin: float = -10.0, vmax: float = 10.0, device=None, dtype=torch.float32) -> torch.Tensor:

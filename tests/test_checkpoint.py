@@ -1,0 +1,88 @@
+"""Checkpoint loading: every layout, round trips and one-line errors for bad files."""
+import pickle
+
+import pytest
+import torch
+
+from agent.checkpoint import load_world_model, save_world_model
+from agent.config import model_config
+from agent.errors import CheckpointError
+from agent.world_model import WorldModel
+
+
+class Rogue:
+    """An arbitrary class: unpickling it would run code, so weights_only loading must refuse it."""
+
+
+def _small_model(seed=0, **dims):
+    torch.manual_seed(seed)
+    model = WorldModel(model_config(None, **{**dict(enc_dim=32, mlp_dim=48, latent_dim=16, task_dim=8, num_q=3), **dims}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_own_format_round_trips_exactly(tmp_path):
+    model = _small_model()
+    path = save_world_model(model, tmp_path / "m.pt")
+    loaded = load_world_model(path)
+    assert loaded.cfg == model.cfg
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_single_task_model_round_trips(tmp_path):
+    model = _small_model(tasks=["cartpole-balance"], task_dim=0)
+    loaded = load_world_model(save_world_model(model, tmp_path / "s.pt"))
+    obs = torch.randn(4, 24)
+    assert not loaded.multitask
+    assert torch.equal(loaded.encode(obs), model.eval().encode(obs))
+
+
+@pytest.mark.parametrize("name,num_q,latent,task_dim", [
+    ("published/mt30_1M_steps_045dist_fp16.pt", 2, 128, 96),
+    ("published/mt30_1M_steps_045dist_int8.pt", 2, 128, 96),
+    ("published/mt30_1M_steps_045dist_mixed.pt", 2, 128, 96),
+    ("upstream_new_format.pt", 5, 64, 64),
+    ("upstream_old_format.pt", 5, 64, 64),
+])
+def test_dimensions_are_inferred(fixtures_dir, name, num_q, latent, task_dim):
+    model = load_world_model(fixtures_dir / name)
+    assert (model.cfg.num_q, model.cfg.latent_dim, model.cfg.task_dim) == (num_q, latent, task_dim)
+    assert len(model.cfg.tasks) == 30 and model.cfg.task_action_dims[7] == 1
+
+
+def test_int8_file_dequantizes_to_integers(fixtures_dir):
+    model = load_world_model(fixtures_dir / "published/mt30_1M_steps_045dist_int8.pt")
+    weight = model._reward[0].weight
+    assert torch.equal(weight, weight.round())
+    assert (weight == 0).float().mean() > 0.8  # scale 1.0 rounds most weights to zero
+
+
+def _one_line_error(path, *fragments):
+    with pytest.raises(CheckpointError) as info:
+        load_world_model(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_bad_files_give_one_clear_line(tmp_path, fixtures_dir):
+    _one_line_error(tmp_path / "missing.pt", "no such file")
+    good = save_world_model(_small_model(), tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    _one_line_error(truncated, "not a readable torch checkpoint")
+    rogue = tmp_path / "rogue.pt"
+    rogue.write_bytes(pickle.dumps({"payload": Rogue()}))
+    _one_line_error(rogue, "not a readable torch checkpoint")
+    state = torch.load(fixtures_dir / "published/mt30_1M_steps_045dist_fp16.pt", map_location="cpu", weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("_reward.")}
+    no_head = tmp_path / "no_reward_head.pt"
+    torch.save(state, no_head)
+    _one_line_error(no_head, "_reward")
+    not_a_model = tmp_path / "tensor.pt"
+    torch.save({"weights": torch.zeros(3)}, not_a_model)
+    _one_line_error(not_a_model, "not contain a TD-MPC2 world model")

@@ -1,0 +1,114 @@
+"""Trial settings and presets. The dataclass holds every default; presets override by name."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from agent.config import DISTILL_TARGETS, QUANT_MODES
+from agent.errors import ConfigError
+
+
+@dataclass
+class TrialConfig:
+    """Everything one distillation trial needs (flat, JSON-serialisable: it is Ray's config)."""
+
+    preset: str = "quick"
+    ablation: str = "d_coef"          # the grid this trial belongs to (table it lands in)
+    teacher: str = ""                 # teacher checkpoint path
+    teacher_size: str = "large"       # label of the teacher (e.g. small/large, 48/317)
+    data: str = ""                    # episode store directory
+    eval_tasks: list[str] = field(default_factory=list)  # default: the store's task set
+    student_size: int | None = None   # official size preset (1, 5, ...) or None for free dims
+    student_dims: dict[str, int] = field(default_factory=lambda: dict(enc_dim=64, mlp_dim=64, latent_dim=32,
+                                                                     task_dim=16, num_q=2))
+    steps: int = 2000
+    batch_size: int = 256
+    d_coef: float = 0.45
+    target: str = "reward"
+    lr: float = 3e-4
+    seed: int = 1
+    eval_every: int = 1000
+    eval_episodes: int = 2
+    eval_plan: bool = True
+    eval_max_steps: int | None = None  # None = the official 500 agent steps
+    eval_planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for evaluation
+    quant_modes: list[str] = field(default_factory=lambda: ["fp32", "fp16"])
+    # fault injection, for the service's own failure tests
+    fault_kill_at_step: int | None = None
+    fault_nan_at_step: int | None = None
+
+    def validate(self) -> "TrialConfig":
+        if self.d_coef < 0:
+            raise ConfigError(f"d_coef must be >= 0, got {self.d_coef}")
+        for name in ("steps", "batch_size", "eval_every", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.target not in DISTILL_TARGETS:
+            raise ConfigError(f"unknown distillation target {self.target!r}; known: {', '.join(DISTILL_TARGETS)}")
+        unknown = [m for m in self.quant_modes if m not in QUANT_MODES]
+        if unknown:
+            raise ConfigError(f"unknown quantization mode {unknown[0]!r}; known: {', '.join(QUANT_MODES)}")
+        if self.eval_max_steps is not None and self.eval_max_steps < 1:
+            raise ConfigError(f"eval_max_steps must be >= 1, got {self.eval_max_steps}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "TrialConfig":
+        known = {f.name: f for f in fields(self)}
+        unknown = [k for k in overrides if k not in known]
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return replace(self, **overrides)
+
+
+# Preset overrides. smoke: CI-sized plumbing check (tiny teacher and data built on the fly);
+# quick: the embedded MT-mini benchmark (the default); paper: official teachers and MT30 data.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(preset="smoke", steps=60, batch_size=32, eval_every=30, eval_episodes=1, eval_max_steps=20,
+                  student_dims=dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2),
+                  eval_planner=dict(iterations=2, num_samples=32, num_elites=4, num_pi_trajs=4),
+                  quant_modes=["fp32", "fp16"]),
+    "quick": dict(preset="quick"),  # completed from agent.benchmarks.mt_mini.QUICK_DEFAULTS when present
+    "paper": dict(preset="paper", student_size=1, student_dims={}, steps=200_000, batch_size=256, eval_every=50_000,
+                  eval_episodes=10, eval_planner={}, quant_modes=["fp32", "fp16"]),
+}
+
+
+def preset_config(name: str) -> TrialConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    overrides = dict(PRESETS[name])
+    if name == "quick":
+        overrides.update(_quick_defaults())
+    return TrialConfig().with_overrides(overrides)
+
+
+def _quick_defaults() -> dict[str, Any]:
+    try:
+        from agent.benchmarks.mt_mini import QUICK_DEFAULTS
+    except ImportError:
+        return {}
+    known = {f.name for f in fields(TrialConfig)}
+    return {k: v for k, v in QUICK_DEFAULTS.items() if k in known}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with a JSON value when it parses as JSON (numbers, lists, dicts), else a string."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value

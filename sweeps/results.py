@@ -1,0 +1,71 @@
+"""Result files of a sweep (docs/results-format.md): sweep.json and results.jsonl, written
+atomically; rows of earlier runs of the same sweep are kept (a resumed sweep only adds)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS_FILE = "results.jsonl"
+SWEEP_FILE = "sweep.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / RESULTS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (row["trial_id"], row["phase"], row["quant"], row["step"], row["status"])
+
+
+def merge_rows(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Union of old and new rows, one per (trial, phase, precision, step, status); old rows win."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for row in list(old) + list(new):
+        merged.setdefault(_row_key(row), row)
+    return sorted(merged.values(), key=lambda r: (r["trial_id"], r["phase"] != "train", r["step"], r["quant"]))
+
+
+def write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / RESULTS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def write_sweep_meta(out: Path, meta: dict[str, Any]) -> None:
+    atomic_write_text(out / SWEEP_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def rows_from_result_grid(grid) -> list[dict[str, Any]]:
+    """Every reported row of every trial, plus one error row per failed trial."""
+    rows: list[dict[str, Any]] = []
+    for result in grid:
+        df = result.metrics_dataframe
+        reported = [] if df is None or "row_json" not in df else [json.loads(s) for s in df["row_json"].dropna()]
+        rows += reported
+        if result.error is not None and not any(r["status"] == "error" for r in reported):
+            config = dict(result.config.get("trial", {}))
+            config.update({k: v for k, v in result.config.items() if k != "trial"})
+            message = str(result.error).strip().splitlines()
+            rows.append({"trial_id": result.path.rstrip("/").rsplit("/", 1)[-1], "status": "error",
+                         "config": {k: config.get(k) for k in ("d_coef", "batch_size", "steps", "teacher_size",
+                                                                "target", "seed", "ablation")},
+                         "step": rows[-1]["step"] if reported else 0, "phase": "train", "quant": "fp32",
+                         "score": None, "task_scores": None, "size_mib": None, "episodes": config.get("eval_episodes"),
+                         "error": (message[-1] if message else type(result.error).__name__)[:300]})
+    return rows

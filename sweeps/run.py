@@ -1,0 +1,217 @@
+"""distill-sweeps: run the TD-MPC-Opt ablations as Ray Tune sweeps.
+
+  python sweeps/run.py --grid d_coef                       # MT-mini on this machine (quick preset)
+  python sweeps/run.py --grid d_coef --preset smoke --out runs/smoke
+  python sweeps/run.py --grid paper --preset paper --teacher 317=mt30-317M.pt --teacher 48=mt30-48M.pt \\
+      --data /data/mt30-store --address auto --gpus-per-trial 0.25 --out s3://bucket/sweeps/paper
+
+Results: OUT/sweep.json, OUT/results.jsonl (docs/results-format.md) and OUT/report/report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+os.environ.setdefault("MUJOCO_GL", "disable")
+
+from agent.errors import DistillError  # noqa: E402
+from sweeps.config import PRESETS, TrialConfig, parse_override, preset_config  # noqa: E402
+from sweeps.grids import GRID_NAMES, grid_points, swept_keys  # noqa: E402
+
+EXPERIMENT = "sweep"
+
+
+class UsageError(DistillError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sweeps/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default="d_coef", help=f"ablation grid: {', '.join(GRID_NAMES)} (default d_coef)")
+    p.add_argument("--preset", default="quick", help=f"{', '.join(PRESETS)} (default quick: the MT-mini benchmark)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a trial setting (JSON values), e.g. --set steps=5000 --set eval_episodes=3")
+    p.add_argument("--search", choices=["grid", "optuna"], default="grid",
+                   help="grid: the named grid; optuna: Optuna TPE over d_coef, batch size and lr with ASHA stopping")
+    p.add_argument("--num-samples", type=int, default=8, help="trials of an optuna search (default 8)")
+    p.add_argument("--out", default=None, help="result directory, local or s3:// / gs:// (default runs/<grid>-<preset>)")
+    p.add_argument("--teacher", action="append", default=[], metavar="[LABEL=]PATH",
+                   help="teacher checkpoint (any TD-MPC2 layout); LABEL=PATH names teachers for the teacher_size grid")
+    p.add_argument("--data", default=None, help="episode store directory (python -m agent.data import-tdmpc2 makes one)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out; finished trials are kept")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster); default: embedded local Ray")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default 0)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default 2)")
+    p.add_argument("--no-report", action="store_true", help="skip writing the report")
+    return p
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]]:
+    """Everything that can be checked before Ray starts. Returns the base config and overrides."""
+    from agent.tasksets import task_spec
+
+    if args.grid not in GRID_NAMES:
+        raise UsageError(f"unknown grid {args.grid!r}; known: {', '.join(GRID_NAMES)}")
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    _positive("--num-samples", args.num_samples)
+    _positive("--cpus-per-trial", args.cpus_per_trial)
+    _positive("--gpus-per-trial", args.gpus_per_trial, allow_zero=True)
+    _positive("--max-concurrent", args.max_concurrent, allow_zero=True)
+    _positive("--max-failures", args.max_failures, allow_zero=True)
+    overrides = dict(parse_override(item) for item in args.set)
+    base = preset_config(args.preset).with_overrides(overrides).validate()
+    for task in base.eval_tasks:
+        task_spec(task)
+    return base, overrides
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    return str(_REPO / "runs" / f"{args.grid}-{args.preset}")
+
+
+def trial_configs(args: argparse.Namespace, base: TrialConfig, teachers: dict[str, str], default_teacher: str,
+                  overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    points = grid_points(args.grid, base, [k for k in teachers if k != "default"] or [default_teacher])
+    configs = []
+    for point in points:
+        for seed in range(1, args.seeds + 1):
+            values = {**point, **{k: v for k, v in overrides.items() if k not in point}, "seed": seed + base.seed - 1}
+            cfg = base.with_overrides(values)
+            label = cfg.teacher_size if cfg.teacher_size in teachers else default_teacher
+            cfg.teacher, cfg.teacher_size = cfg.teacher or teachers[label], label
+            configs.append(cfg.validate().to_dict())
+    return configs
+
+
+def _storage(out: str) -> tuple[bool, str]:
+    remote = "://" in out
+    return remote, out.rstrip("/") + "/ray" if remote else str(Path(out).resolve() / "ray")
+
+
+def run_sweep(args: argparse.Namespace) -> Path:
+    base, overrides = validate_args(args)
+    out = args.out or _default_out(args)
+    remote, storage_path = _storage(out)
+    local_out = Path(out) if not remote else Path(_REPO / "runs" / ".remote" / out.split("://", 1)[1])
+    local_out.mkdir(parents=True, exist_ok=True)
+    inputs = resolve_inputs_for(args, local_out)
+    configs = trial_configs(args, base, inputs.teachers, inputs.default_teacher, overrides)
+    for cfg in configs:
+        cfg["data"] = cfg["data"] or inputs.data
+
+    import ray
+    from ray import tune
+    from sweeps.results import merge_rows, read_rows, rows_from_result_grid, write_rows, write_sweep_meta
+    from sweeps.tune_adapter import trainable
+
+    ray.init(address=args.address, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
+             configure_logging=False, runtime_env={"env_vars": {"DISTILL_TRIAL_THREADS": str(max(1, int(args.cpus_per_trial))),
+                                                                 "MUJOCO_GL": os.environ["MUJOCO_GL"],
+                                                                 "PYTHONPATH": str(_REPO)}})
+    try:
+        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        fn = tune.with_resources(trainable, resources)
+        experiment = f"{storage_path}/{EXPERIMENT}"
+        if args.resume and tune.Tuner.can_restore(experiment):
+            print(f"resuming {experiment}", file=sys.stderr)
+            tuner = tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
+        else:
+            tuner = _new_tuner(args, fn, configs, base, storage_path)
+        grid = tuner.fit()
+        rows = merge_rows(read_rows(local_out), rows_from_result_grid(grid))
+    finally:
+        ray.shutdown()
+    write_rows(local_out, rows)
+    store_tasks = _store_tasks(inputs.data)
+    write_sweep_meta(local_out, {
+        "name": f"{args.grid}-{args.preset}", "grid": args.grid if args.search == "grid" else "search",
+        "swept": swept_keys(args.grid) if args.search == "grid" else ["d_coef", "batch_size", "lr"],
+        "preset": args.preset, "seeds": args.seeds, "tasks": base.eval_tasks or store_tasks,
+        "task_set": "mt30" if len(store_tasks) == 30 else ("mt-mini" if args.preset == "quick" else args.preset),
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "teacher": {"paths": inputs.teachers, "default": inputs.default_teacher},
+        "data": inputs.data, "base_config": base.to_dict(), "trials": len(configs),
+    })
+    if not args.no_report:
+        subprocess.run([sys.executable, str(_REPO / "analysis" / "report.py"), str(local_out)], check=False)
+    if remote:
+        _upload(local_out, out)
+    return local_out
+
+
+def resolve_inputs_for(args: argparse.Namespace, local_out: Path):
+    from sweeps.setup import resolve_inputs
+
+    return resolve_inputs(args.preset, args.teacher, args.data, local_out / "_setup")
+
+
+def _store_tasks(data: str) -> list[str]:
+    from agent.data import EpisodeStore
+
+    return list(EpisodeStore(data).manifest.tasks)
+
+
+def _new_tuner(args, fn, configs, base: TrialConfig, storage_path: str):
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig
+
+    run_config = RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=1,
+                           failure_config=FailureConfig(max_failures=args.max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=1))
+    if args.search == "optuna":
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = {"trial": configs[0], "d_coef": tune.uniform(0.0, 1.0),
+                 "batch_size": tune.choice([128, 256, 512, 1024]), "lr": tune.loguniform(1e-4, 1e-3)}
+        tune_config = tune.TuneConfig(metric="score", mode="max", search_alg=OptunaSearch(seed=base.seed),
+                                      scheduler=ASHAScheduler(time_attr="step", max_t=base.steps, grace_period=base.eval_every),
+                                      num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None)
+        return tune.Tuner(fn, param_space=space, tune_config=tune_config, run_config=run_config)
+    tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None)
+    return tune.Tuner(fn, param_space={"trial": tune.grid_search(configs)}, tune_config=tune_config, run_config=run_config)
+
+
+def _upload(local_out: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(local_out), root, destination_filesystem=fs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = run_sweep(args)
+    except DistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = out / "report" / "report.md"
+    print(f"results: {out / 'results.jsonl'}")
+    print(f"report:  {report if report.exists() else '(not written)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Ray Tune glue: the function trainable that runs `sweeps.trial.run_trial` inside a Tune trial."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from sweeps.config import TrialConfig
+from sweeps.trial import TrialContext, run_trial
+
+
+def trainable(param_space: dict[str, Any]) -> None:
+    """Ray function trainable. `param_space["trial"]` is a TrialConfig dict; search spaces put the
+    sampled values at the top level of `param_space`, which override it."""
+    values = dict(param_space.get("trial", {}))
+    values.update({k: v for k, v in param_space.items() if k != "trial"})
+    cfg = TrialConfig.from_dict(values)
+    context = tune.get_context()
+    restore = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory() as restore_dir:
+        restore_path = None
+        if restore is not None:
+            restore_path = Path(restore.to_directory(restore_dir))
+        ctx = TrialContext(trial_id=context.get_trial_id(), restore_dir=restore_path,
+                           node_id=ray.get_runtime_context().get_node_id())
+
+        def report(row: dict[str, Any], checkpoint_dir: Path | None) -> None:
+            metrics = {"score": row["score"] if row["score"] is not None else float("nan"), "step": row["step"],
+                       "phase": row["phase"], "row_json": json.dumps(row)}
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            tune.report(metrics, checkpoint=checkpoint)
+
+        run_trial(cfg, ctx, report)

@@ -46,7 +46,8 @@ class Agent:
         started) or one bool for all. Returns actions (E, action_dim) in [-1, 1], zero beyond
         each task's action dim."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # module traversal is not free: switch only when needed
+            self.model.eval()
         # SimNorm/exp produce float32 denormals, which are ~20x slower to multiply on x86
         torch.set_flush_denormal(True)
         try:
@@ -70,7 +71,8 @@ class Agent:
             mask = self.model.action_mask(task)
             return action * mask if mask is not None else action
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train(True)
             torch.set_flush_denormal(False)
 
     def _plan(self, obs: torch.Tensor, task: torch.Tensor | None, t0: torch.Tensor, eval_mode: bool) -> torch.Tensor:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.errors import DistillError
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -41,14 +43,31 @@ MT30_ACTION_DIM = 6
 EPISODE_LENGTH = 500  # agent steps (action repeat 2)
 
 
+class UnknownTaskError(DistillError):
+    """A task name that this project cannot build (one-line message listing the valid names)."""
+
+
+class MetaWorldUnsupportedError(UnknownTaskError):
+    """A Meta-World (MT80) task: not installed and not supported yet."""
+
+
+def is_meta_world(name: str) -> bool:
+    return name.startswith("mw-") or name.lower() == "mt80"
+
+
 def task_spec(name: str) -> TaskSpec:
-    """The spec of an MT30 task; one-line ValueError listing valid names otherwise."""
-    if name.startswith("mw-") or name in ("mt80",):
-        raise ValueError(f"task {name!r}: Meta-World (MT80) is not installed / not supported yet")
-    try:
-        return MT30_SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(MT30)}") from None
+    """The spec of MT30 task `name`; raises UnknownTaskError (a ValueError) for anything else."""
+    if not isinstance(name, str):
+        raise UnknownTaskError(f"task names are strings, got {type(name).__name__} {name!r}")
+    if is_meta_world(name):
+        raise MetaWorldUnsupportedError(
+            f"task {name!r} is a Meta-World (MT80) task: Meta-World is not installed / not supported yet; "
+            f"only the 30 DMControl tasks of MT30 can be built")
+    spec = MT30_SPECS.get(name)
+    if spec is None:
+        hint = " ('mt30' is a task set: use make_multitask_env(MT30, seed))" if name.lower() == "mt30" else ""
+        raise UnknownTaskError(f"unknown task {name!r}{hint}; valid tasks: {', '.join(MT30)}")
+    return spec
 
 
 def action_dims(tasks: list[str]) -> list[int]:

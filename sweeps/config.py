@@ -33,9 +33,12 @@ class TrialConfig:
     eval_max_steps: int | None = None  # None = the official 500 agent steps
     eval_planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for evaluation
     quant_modes: list[str] = field(default_factory=lambda: ["fp32", "fp16"])
-    # fault injection, for the service's own failure tests
+    # fault injection, for the service's own failure tests: the trials with seed `fault_*_seed`
+    # are killed (first attempt only) / made to diverge at that step
     fault_kill_at_step: int | None = None
+    fault_kill_seed: int | None = None
     fault_nan_at_step: int | None = None
+    fault_nan_seed: int | None = None
 
     def validate(self) -> "TrialConfig":
         if self.d_coef < 0:

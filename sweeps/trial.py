@@ -73,9 +73,11 @@ def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str]) -> dict[str
 
 
 def _inject_faults(cfg: TrialConfig, ctx: TrialContext, step: int, model: WorldModel) -> None:
-    if cfg.fault_kill_at_step is not None and ctx.restore_dir is None and step >= cfg.fault_kill_at_step:
+    kill = cfg.fault_kill_at_step is not None and cfg.fault_kill_seed in (None, cfg.seed)
+    if kill and ctx.restore_dir is None and step >= cfg.fault_kill_at_step:
         os.kill(os.getpid(), signal.SIGKILL)  # a crashed worker: Ray must retry from the checkpoint
-    if cfg.fault_nan_at_step is not None and step >= cfg.fault_nan_at_step:
+    nan = cfg.fault_nan_at_step is not None and cfg.fault_nan_seed in (None, cfg.seed)
+    if nan and step >= cfg.fault_nan_at_step:
         with torch.no_grad():
             model._dynamics[0].weight.fill_(float("nan"))
 

@@ -1,0 +1,181 @@
+"""Read one sweep's result files (docs/results-format.md) into one tidy DataFrame.
+
+Only `sweep.json` and `results.jsonl` are read, so a copied directory works without Ray.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.values import is_missing
+
+SWEEP_FILE = "sweep.json"
+RESULTS_FILE = "results.jsonl"
+CONFIG_PREFIX = "config."  # config.d_coef, config.seed, ... (config.quant is the training precision)
+TASK_PREFIX = "task:"  # task:walker-walk = that task's return / 10
+SEED_KEY = "seed"
+# A swept `quant` is the precision of the `final` evaluations (the row's `quant`), not a training
+# setting: config.quant is always the default training precision, so it never tells settings apart.
+QUANT_KEY = "quant"
+STATUSES = ("ok", "error")
+PHASES = ("train", "final")
+EVAL_COLUMNS = ("line", "trial_id", "status", "phase", "step", "quant", "score", "size_mib", "episodes", "error")
+
+
+class ResultsError(ValueError):
+    """Result files that cannot be analysed; the message names the file (and line) at fault."""
+
+
+@dataclass(frozen=True)
+class SweepResults:
+    """Everything `analysis` knows about one sweep.
+
+    `evals` has one row per evaluation (trial × step × phase × precision) with the columns
+    EVAL_COLUMNS (`line` = line number in results.jsonl), one `config.<key>` column per config key
+    and one `task:<name>` column per task. Error rows are kept, with NaN scores.
+    """
+
+    directory: Path
+    meta: dict  # sweep.json as written ({} when the file is absent)
+    evals: pd.DataFrame
+    swept: tuple[str, ...]  # config keys whose values vary across settings (the table rows)
+    tasks: tuple[str, ...]  # task names: sweep.json's order, then any others found, sorted
+
+    @property
+    def task_columns(self) -> list[str]:
+        return [TASK_PREFIX + task for task in self.tasks]
+
+    @property
+    def setting_keys(self) -> list[str]:
+        """The swept config keys that tell settings apart (trials of one setting differ by seed)."""
+        return [key for key in self.swept if key != QUANT_KEY]
+
+    @property
+    def setting_columns(self) -> list[str]:
+        return [CONFIG_PREFIX + key for key in self.setting_keys]
+
+
+def load_results(directory: str | Path) -> SweepResults:
+    """Read `directory`'s sweep.json (optional) and results.jsonl; raise ResultsError on bad input."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ResultsError(f"{directory}: no such directory")
+    results_path = directory / RESULTS_FILE
+    if not results_path.is_file():
+        raise ResultsError(f"{directory}: no {RESULTS_FILE} (expected a sweep's --out directory)")
+    meta = read_sweep_meta(directory / SWEEP_FILE)
+    rows = read_evaluations(results_path)
+    evals = evaluations_frame(rows, meta.get("tasks") or [])
+    tasks = tuple(column[len(TASK_PREFIX):] for column in evals.columns if column.startswith(TASK_PREFIX))
+    swept = swept_keys(meta, evals, directory / SWEEP_FILE)
+    return SweepResults(directory=directory, meta=meta, evals=evals, swept=swept, tasks=tasks)
+
+
+def read_sweep_meta(path: Path) -> dict:
+    """sweep.json as a dict; {} when absent (then the swept keys are inferred from the configs)."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ResultsError(f"{path}: expected a JSON object")
+    for key in ("swept", "tasks"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ResultsError(f"{path}: '{key}' must be a list of strings")
+    return meta
+
+
+def read_evaluations(path: Path) -> list[dict]:
+    """The rows of results.jsonl, each checked against the contract; blank lines are skipped."""
+    rows = []
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, text in enumerate(lines, start=1):
+            if text.strip():
+                rows.append(_parse_row(text, f"{path}: line {number}") | {"line": number})
+    if not rows:
+        raise ResultsError(f"{path}: no evaluations (the file is empty)")
+    return rows
+
+
+def _parse_row(text: str, where: str) -> dict:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise ResultsError(f"{where}: expected a JSON object")
+    missing = [key for key in ("trial_id", "status", "config") if key not in row]
+    if missing:
+        raise ResultsError(f"{where}: missing key(s) {', '.join(missing)}")
+    if row["status"] not in STATUSES:
+        raise ResultsError(f"{where}: status {row['status']!r} is not one of {', '.join(STATUSES)}")
+    if not isinstance(row["config"], dict):
+        raise ResultsError(f"{where}: config must be a JSON object")
+    if row["status"] == "ok":
+        if row.get("phase") not in PHASES:
+            raise ResultsError(f"{where}: phase {row.get('phase')!r} is not one of {', '.join(PHASES)}")
+        if not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+            raise ResultsError(f"{where}: step must be an integer")
+        if not isinstance(row.get("score"), (int, float)) or isinstance(row.get("score"), bool):
+            raise ResultsError(f"{where}: status 'ok' needs a numeric score")
+    task_scores = row.get("task_scores")
+    if task_scores is not None and not isinstance(task_scores, dict):
+        raise ResultsError(f"{where}: task_scores must be a JSON object")
+    return row
+
+
+def evaluations_frame(rows: list[dict], task_order: list[str]) -> pd.DataFrame:
+    """One row per evaluation; a re-written (trial, phase, step, precision, status) keeps its last line."""
+    config_keys = sorted({key for row in rows for key in row["config"]})
+    found_tasks = {task for row in rows for task in (row.get("task_scores") or {})}
+    tasks = list(task_order) + sorted(found_tasks - set(task_order))
+    records = []
+    for row in rows:
+        record = {column: row.get(column) for column in EVAL_COLUMNS}
+        for key in config_keys:
+            record[CONFIG_PREFIX + key] = _scalar(row["config"].get(key))
+        task_scores = row.get("task_scores") or {}
+        for task in tasks:
+            record[TASK_PREFIX + task] = _number(task_scores.get(task))
+        record["score"] = _number(record["score"])
+        record["size_mib"] = _number(record["size_mib"])
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    frame = frame.drop_duplicates(subset=["trial_id", "phase", "step", "quant", "status"], keep="last")
+    return frame.sort_values("line", kind="stable").reset_index(drop=True)
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _scalar(value: object) -> object:
+    """Config values as comparable scalars: nested lists/objects become their canonical JSON text."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def swept_keys(meta: dict, evals: pd.DataFrame, sweep_path: Path) -> tuple[str, ...]:
+    """sweep.json's `swept` (minus the seed), or, without it, the config keys that vary across trials."""
+    config_columns = [c for c in evals.columns if c.startswith(CONFIG_PREFIX)]
+    if meta.get("swept") is not None:
+        keys = [key for key in meta["swept"] if key != SEED_KEY]
+        absent = [key for key in keys if CONFIG_PREFIX + key not in config_columns]
+        if absent:
+            raise ResultsError(f"{sweep_path}: swept key(s) {', '.join(absent)} not in any trial's config")
+        return tuple(keys)
+    varying = []
+    for column in config_columns:
+        key = column[len(CONFIG_PREFIX):]
+        values = {json.dumps(v, sort_keys=True, default=str) for v in evals[column] if not is_missing(v)}
+        if key != SEED_KEY and len(values) > 1:
+            varying.append(key)
+    return tuple(varying)

@@ -1,0 +1,185 @@
+"""Figures of a sweep (matplotlib `Figure` objects, no pyplot state): each function returns one figure."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.load import CONFIG_PREFIX, TASK_PREFIX
+from analysis.paper import PAPER_LABEL
+from analysis.summary import setting_label
+from analysis.tables import Table
+from analysis.values import format_value, is_number, same_value, sort_key
+
+SCORE_LABEL = "normalized score (return / 10)"
+STEPS_LABEL = "training steps"
+SIZE_LABEL = "model size (MiB)"
+KEY_LABELS = {
+    "d_coef": "distillation coefficient d_coef",
+    "batch_size": "batch size (samples)",
+    "steps": STEPS_LABEL,
+    "teacher_size": "teacher size",
+    "target": "distillation target",
+    "quant": "precision",
+}
+MAX_LEGEND_ENTRIES = 12
+MAX_ANNOTATED_CELLS = 300
+
+
+def key_label(key: str) -> str:
+    return KEY_LABELS.get(key, key)
+
+
+def _yerr(frame: pd.DataFrame) -> np.ndarray:
+    """Asymmetric error bars from the CI columns; 0 where the CI is unknown (a single seed)."""
+    below = (frame["score"] - frame["ci_low"]).to_numpy(dtype=float)
+    above = (frame["ci_high"] - frame["score"]).to_numpy(dtype=float)
+    return np.nan_to_num(np.vstack([below, above]), nan=0.0)
+
+
+def _numeric_axis(values) -> bool:
+    return len(values) > 0 and all(is_number(v) for v in values)
+
+
+def ablation_figure(table: Table) -> Figure:
+    """Mean score per value of the table's one key, with 95% CI error bars and the paper's numbers."""
+    (key,) = table.keys
+    rows = table.rows
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    values = list(rows[key])
+    if _numeric_axis(values):
+        x = np.asarray(values, dtype=float)
+        axes.errorbar(x, rows["score"], yerr=_yerr(rows), marker="o", capsize=4, label="ours (95% CI)")
+        if x.min() > 0 and x.max() / x.min() >= 100:
+            axes.set_xscale("log")
+    else:
+        x = np.arange(len(values))
+        axes.bar(x, rows["score"], yerr=_yerr(rows), capsize=4, color="tab:blue", alpha=0.8, label="ours (95% CI)")
+        axes.set_xticks(x, [format_value(v) for v in values])
+    paper = rows["paper"].to_numpy(dtype=float)
+    if np.isfinite(paper).any():
+        axes.scatter(x, paper, marker="x", color="tab:red", zorder=3, label=PAPER_LABEL)
+    axes.set_xlabel(key_label(key))
+    axes.set_ylabel(SCORE_LABEL)
+    axes.set_title(f"Normalized score vs {key}")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def learning_curves_figure(curves: pd.DataFrame) -> Figure:
+    """Score vs training step, one line per setting, shaded 95% CI over seeds."""
+    figure = Figure(figsize=(7.2, 4.5))
+    axes = figure.add_subplot()
+    for label, curve in curves.groupby("setting", sort=False):
+        line, = axes.plot(curve["step"], curve["score"], marker=".", label=label)
+        axes.fill_between(curve["step"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2)
+    if curves.empty:
+        axes.text(0.5, 0.5, "no successful train evaluations", ha="center", va="center", transform=axes.transAxes)
+    elif curves["setting"].nunique() <= MAX_LEGEND_ENTRIES:
+        axes.legend(fontsize="small")
+    axes.set_xlabel(STEPS_LABEL)
+    axes.set_ylabel(SCORE_LABEL)
+    axes.set_title("Learning curves (mean over seeds, 95% CI)")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def batch_steps_figure(summaries: pd.DataFrame, reference: dict[str, object]) -> Figure | None:
+    """Score vs training steps, one line per batch size (other swept keys at `reference`);
+    None unless both vary."""
+    batch, steps = CONFIG_PREFIX + "batch_size", CONFIG_PREFIX + "steps"
+    if batch not in summaries or steps not in summaries:
+        return None
+    held = {c: v for c, v in reference.items() if c not in (batch, steps)}
+    rows = summaries[[all(same_value(r[c], v) for c, v in held.items()) for _, r in summaries.iterrows()]]
+    if rows[batch].nunique() < 2 or rows[steps].nunique() < 2:
+        return None
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    for size in sorted(rows[batch].unique(), key=sort_key):
+        line = rows[rows[batch] == size].sort_values(steps)
+        axes.errorbar(line[steps], line["score"], yerr=_yerr(line), marker="o", capsize=4,
+                      label=f"batch size {format_value(size)}")
+    axes.set_xlabel(STEPS_LABEL)
+    axes.set_ylabel(SCORE_LABEL)
+    axes.set_title("Batch size × training steps")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def quant_size_figure(table: Table) -> Figure | None:
+    """Score vs model file size per precision (None when no final row reports a size)."""
+    rows = table.rows[np.isfinite(table.rows["size_mib"].to_numpy(dtype=float))]
+    if rows.empty:
+        return None
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    axes.errorbar(rows["size_mib"], rows["score"], yerr=_yerr(rows), fmt="o", capsize=4, label="ours (95% CI)")
+    for record in rows.to_dict("records"):
+        name = ", ".join(format_value(record[key]) for key in table.keys)
+        axes.annotate(name, (record["size_mib"], record["score"]), textcoords="offset points", xytext=(6, 4))
+    paper = rows["paper"].to_numpy(dtype=float)
+    if np.isfinite(paper).any():
+        axes.scatter(rows["size_mib"], paper, marker="x", color="tab:red", zorder=3,
+                     label=f"{PAPER_LABEL}, at our size")
+    axes.set_xlabel(SIZE_LABEL)
+    axes.set_ylabel(SCORE_LABEL)
+    axes.set_title("Score vs model size per precision (final evaluation)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def task_heatmap_figure(summaries: pd.DataFrame, setting_columns: list[str], tasks: list[str],
+                        reference: dict[str, object]) -> Figure:
+    """Mean per-task score (last train evaluation, over seeds): tasks × settings."""
+    labels = [setting_label(setting_columns, tuple(row), reference)
+              for row in summaries[setting_columns].itertuples(index=False)]
+    matrix = summaries[[TASK_PREFIX + task for task in tasks]].to_numpy(dtype=float).T  # tasks × settings
+    longest_label, longest_task = max(map(len, labels), default=0), max(map(len, tasks), default=0)
+    width = 3.0 + 0.07 * longest_task + 0.6 * max(len(labels), 4)  # inches: tick labels + cells
+    height = 1.6 + 0.07 * longest_label + 0.3 * max(len(tasks), 4)
+    figure = Figure(figsize=(width, height))
+    axes = figure.add_subplot()
+    image = axes.imshow(matrix if matrix.size else np.full((1, 1), np.nan), aspect="auto", cmap="viridis")
+    figure.colorbar(image, ax=axes, label=SCORE_LABEL)
+    axes.set_xticks(range(len(labels)), labels, rotation=90)
+    axes.set_yticks(range(len(tasks)), tasks)
+    if 0 < matrix.size <= MAX_ANNOTATED_CELLS:
+        for (task_index, setting_index), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                color = "black" if image.norm(value) > 0.6 else "white"  # readable on viridis' light end
+                axes.text(setting_index, task_index, f"{value:.1f}", ha="center", va="center", color=color, fontsize=7)
+    if not tasks:
+        axes.text(0.5, 0.5, "no per-task scores", ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel("setting")
+    axes.set_ylabel("task")
+    axes.set_title("Per-task score (last train evaluation, mean over seeds)")
+    figure.tight_layout()
+    return figure
+
+
+def report_figures(tables: list[Table], summaries: pd.DataFrame, curves: pd.DataFrame,
+                   reference: dict[str, object], setting_columns: list[str], tasks: list[str]) -> dict[str, Figure]:
+    """Every figure the data supports, by file stem, in report order."""
+    figures: dict[str, Figure] = {}
+    for table in tables:
+        if table.name == "quant":
+            figure = quant_size_figure(table)
+            if figure is not None:
+                figures["quant_size_vs_score"] = figure
+        elif len(table.keys) == 1 and table.name == table.keys[0] and table.rows["score"].notna().any():
+            figures[f"score_vs_{table.name}"] = ablation_figure(table)
+    batch_steps = batch_steps_figure(summaries, reference)
+    if batch_steps is not None:
+        figures["batch_size_x_steps"] = batch_steps
+    figures["learning_curves"] = learning_curves_figure(curves)
+    figures["task_heatmap"] = task_heatmap_figure(summaries, setting_columns, tasks, reference)
+    return figures

@@ -1,0 +1,231 @@
+"""Build a sweep's report from its result files: tables (Markdown, LaTeX, CSV), plots (PNG),
+report.md and a self-contained report.html.
+
+    python analysis/report.py RESULTS_DIR [--format md,latex,csv,html] [--out DIR]
+    python -m analysis.report RESULTS_DIR
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import `analysis` from the repo root, not from this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import html  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+
+from analysis.load import ResultsError, SweepResults, load_results  # noqa: E402
+from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
+from analysis.plots import report_figures  # noqa: E402
+from analysis.render import csv_text, display, html_table, markdown, table_latex, table_markdown  # noqa: E402
+from analysis.stats import N_RESAMPLES  # noqa: E402
+from analysis.summary import learning_curves, setting_label, setting_summaries  # noqa: E402
+from analysis.tables import Table, build_tables, reference_setting  # noqa: E402
+from analysis.trials import trial_outcomes  # noqa: E402
+
+FORMATS = ("md", "latex", "csv", "html")
+TABLE_WRITERS = {"md": (".md", table_markdown), "latex": (".tex", table_latex), "csv": (".csv", csv_text)}
+PLOT_DPI = 110
+PLOT_CAPTIONS = {
+    "learning_curves": "Learning curves",
+    "batch_size_x_steps": "Batch size × training steps",
+    "task_heatmap": "Per-task scores",
+}
+
+
+class UsageError(ValueError):
+    """A bad command line (unknown format, missing argument)."""
+
+
+def parse_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
+    """`"md,latex"` or `("md", "latex")` -> ("md", "latex"); UsageError names an unknown format."""
+    names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise UsageError(f"unknown format {', '.join(unknown) or '(none)'}; choose from {','.join(FORMATS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS, out_dir: str | Path | None = None) -> Path:
+    """Analyse `results_dir` and write the report into `out_dir` (default RESULTS_DIR/report).
+
+    report.md and plots/*.png are always written; `formats` picks tables/<name>.md|.tex|.csv and
+    report.html. Returns the path of report.md. Raises ResultsError / UsageError on bad input.
+    """
+    formats = parse_formats(formats)
+    results = load_results(results_dir)
+    trials = trial_outcomes(results)
+    summaries = setting_summaries(trials, results.setting_columns, results.task_columns)
+    reference = reference_setting(results, trials)
+    tables = build_tables(results, trials, summaries, reference)
+    curves = learning_curves(results, trials, reference)
+    figures = report_figures(tables, summaries, curves, reference, results.setting_columns, list(results.tasks))
+    images = {name: _png(figure) for name, figure in figures.items()}
+
+    out = Path(out_dir) if out_dir is not None else results.directory / "report"
+    _clear_previous(out)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    for table in tables:
+        for fmt in formats:
+            if fmt in TABLE_WRITERS:
+                suffix, render = TABLE_WRITERS[fmt]
+                (out / "tables" / f"{table.name}{suffix}").write_text(render(table), encoding="utf-8")
+    for name, png in images.items():
+        (out / "plots" / f"{name}.png").write_bytes(png)
+
+    blocks = report_blocks(results, trials, tables, images, reference)
+    (out / "report.md").write_text(blocks_markdown(blocks), encoding="utf-8")
+    if "html" in formats:
+        (out / "report.html").write_text(blocks_html(blocks, images, report_title(results)), encoding="utf-8")
+    return out / "report.md"
+
+
+def report_title(results: SweepResults) -> str:
+    return f"Sweep report: {results.meta.get('name') or results.directory.name}"
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI)
+    return buffer.getvalue()
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what an earlier run wrote here, so no stale table or plot survives a rerun."""
+    for pattern in ("tables/*.md", "tables/*.tex", "tables/*.csv", "plots/*.png", "report.html"):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+# A report is a list of blocks, rendered once as Markdown and once as HTML:
+# ("h1"|"h2"|"h3"|"p", text), ("ul", [text]), ("table", headers, rows, n_labels), ("img", plot name, caption).
+
+def report_blocks(results: SweepResults, trials, tables: list[Table], images: dict[str, bytes],
+                  reference: dict[str, object]) -> list[tuple]:
+    """The report's content, in order."""
+    meta = results.meta
+    n_failed = int(trials["failed"].sum())
+    error_rows = int((results.evals["status"] == "error").sum())
+    task_set, preset = meta.get("task_set", "unknown"), meta.get("preset", "unknown")
+    facts = [
+        f"grid: {meta.get('grid', 'unknown')}; swept: {', '.join(results.swept) or 'nothing'}",
+        f"preset: {preset}; task set: {task_set} ({len(results.tasks)} tasks)",
+        f"trials: {len(trials)} ({n_failed} failed); evaluations: {len(results.evals)} rows ({error_rows} error rows)",
+    ]
+    if "seeds" in meta:
+        facts.append(f"seeds per setting (planned): {meta['seeds']}")
+    if isinstance(meta.get("teacher"), dict):
+        facts.append("teacher: " + ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
+                                             for k, v in sorted(meta["teacher"].items())))
+    if meta.get("created"):
+        facts.append(f"sweep created: {meta['created']}")
+    if not meta:
+        facts.append("sweep.json was not found: swept keys were inferred from the trial configs")
+    blocks = [("h1", report_title(results)), ("ul", facts)]
+    blocks += [("h2", "How to read the tables"), ("ul", [
+        "score: normalized score (mean over tasks of return / 10), averaged over seeds, of each trial's "
+        "last train-phase evaluation; in the quantization table, of the final evaluation at that precision.",
+        f"95% CI: percentile bootstrap over seeds ({N_RESAMPLES} resamples, fixed seed); – with fewer than "
+        "2 seeds. With 3–5 seeds such intervals cover the true mean less often than 95%.",
+        "IQM: interquartile mean over tasks × seeds (25% trimmed at each end).",
+        "Δ vs scratch: score minus that of this sweep's d_coef = 0 setting with the same other settings "
+        "(else the one at the reference values); – when the sweep has none.",
+        "failed: trials that reported an error or a non-finite score; they are listed at the end and left "
+        "out of every other column.",
+        f"{PAPER_LABEL}: the number reported by {PAPER_CITATION} for the same setting, on all 30 MT30 tasks "
+        f"with a 1M-parameter student. This sweep ran task set {task_set} with preset {preset}, so its "
+        "scale may differ: compare the direction and size of effects, not the absolute numbers.",
+    ])]
+    if len(results.setting_keys) > 1:
+        held = setting_label(list(reference), tuple(reference.values()))
+        blocks.append(("p", f"In a table of one swept key, the other swept keys are held at: {held}."))
+
+    blocks.append(("h2", "Tables"))
+    for table in tables:
+        blocks += [("h3", table.title), ("table", *display(table))]
+        plot = "quant_size_vs_score" if table.name == "quant" else f"score_vs_{table.name}"
+        if plot in images:
+            blocks.append(("img", plot, table.title))
+    for plot, caption in PLOT_CAPTIONS.items():
+        if plot in images:
+            blocks += [("h2", caption), ("img", plot, caption)]
+
+    blocks.append(("h2", "Failed trials"))
+    failed = trials[trials["failed"]]
+    if failed.empty:
+        blocks.append(("p", "None."))
+    else:
+        rows = [[row["trial_id"], setting_label(results.setting_columns, tuple(row[c] for c in results.setting_columns)),
+                 str(row["error"])] for _, row in failed.iterrows()]
+        blocks.append(("table", ["trial", "setting", "reason"], rows, 3))
+    return blocks
+
+
+def blocks_markdown(blocks: list[tuple]) -> str:
+    parts = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            parts.append("#" * int(kind[1]) + " " + content[0] + "\n")
+        elif kind == "p":
+            parts.append(content[0] + "\n")
+        elif kind == "ul":
+            parts.append("".join(f"- {item}\n" for item in content[0]))
+        elif kind == "table":
+            parts.append(markdown(*content))
+        elif kind == "img":
+            parts.append(f"![{content[1]}](plots/{content[0]}.png)\n")
+    return "\n".join(parts)
+
+
+def blocks_html(blocks: list[tuple], images: dict[str, bytes], title: str) -> str:
+    parts = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "h3", "p"):
+            parts.append(f"<{kind}>{html.escape(content[0])}</{kind}>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in content[0]) + "</ul>")
+        elif kind == "table":
+            parts.append(html_table(*content))
+        elif kind == "img":
+            data = base64.b64encode(images[content[0]]).decode("ascii")
+            parts.append(f'<img alt="{html.escape(content[1])}" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em}"
+             "td.num,th.num{text-align:right}img{max-width:100%}")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+            f"<style>{style}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="report.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir", help="a sweep's --out directory (sweep.json, results.jsonl)")
+    parser.add_argument("--format", default=",".join(FORMATS),
+                        help=f"comma-separated subset of {','.join(FORMATS)} (default: all); "
+                             "report.md and the plots are always written")
+    parser.add_argument("--out", default=None, help="where to write the report (default: RESULTS_DIR/report)")
+    try:
+        args = parser.parse_args(argv)
+        report = build_report(args.results_dir, args.format, args.out)
+    except (UsageError, ResultsError) as exc:
+        print(f"report.py: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"report.py: error: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

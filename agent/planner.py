@@ -19,7 +19,12 @@ class Agent:
 
     `Agent(model, **overrides)` — overrides are PlannerConfig fields (iterations, num_samples,
     num_elites, num_pi_trajs, horizon, min_std, max_std, temperature, mpc, ...).
-    `seed` seeds the agent's own torch generator stream (planning noise) when given.
+
+    Randomness: every environment slot has its own random stream, seeded from (`seed`, key);
+    keys default to the slot index and can be set with `set_env_keys` (e.g. one key per
+    (task, episode)), so an environment plans the same whether it runs alone or in a batch.
+    With `seed=None` the streams are seeded from torch's global generator. The pair of Q heads
+    used for the terminal value is the only draw shared by the batch (moot for num_q = 2).
     """
 
     def __init__(self, model: WorldModel, seed: int | None = None, **overrides: Any):
@@ -30,6 +35,27 @@ class Agent:
         self._prev_mean: torch.Tensor | None = None  # (E, horizon, action_dim)
         self.chunk_rows = 2048  # rows per value-estimation chunk (whole environments)
         self.seed = seed
+        self._env_keys: list[int] | None = None
+        self._streams: list[torch.Generator] | None = None
+
+    def set_env_keys(self, keys: list[int]) -> None:
+        """Give environment slot i the random stream of `keys[i]` (fresh streams, warm starts reset)."""
+        self._env_keys = [int(k) for k in keys]
+        self._streams = None
+        self._prev_mean = None
+        self._streams = None
+
+    def _env_streams(self, num_envs: int, device: torch.device) -> list[torch.Generator]:
+        if self._streams is None or len(self._streams) != num_envs:
+            keys = self._env_keys if self._env_keys is not None and len(self._env_keys) == num_envs else range(num_envs)
+            base = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            self._streams = [torch.Generator(device=device).manual_seed((base * 1_000_003 + key) % 2**63) for key in keys]
+        return self._streams
+
+    @staticmethod
+    def _randn(streams: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """One standard-normal block per environment: (E, *shape), env i from stream i."""
+        return torch.stack([torch.randn(shape, generator=g, device=device) for g in streams])
 
     @property
     def device(self) -> torch.device:
@@ -60,13 +86,12 @@ class Agent:
             elif self.model.multitask:
                 raise ValueError("a multi-task model needs task ids (E,)")
             t0 = torch.as_tensor(t0, dtype=torch.bool, device=self.device).expand(num_envs)
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
-                self.seed = None  # seed the stream once; later calls continue it
             if self.cfg.mpc:
                 return self._plan(obs, task, t0, eval_mode)
             z = self.model.encode(obs, task)
-            action, info = self.model.pi(z, task)
+            action_dim = self.model.cfg.action_dim
+            eps = None if eval_mode else self._randn(self._env_streams(num_envs, obs.device), (action_dim,), obs.device)
+            action, info = self.model.pi(z, task, eps=eps)
             action = info["mean"] if eval_mode else action
             mask = self.model.action_mask(task)
             return action * mask if mask is not None else action
@@ -79,6 +104,7 @@ class Agent:
         cfg, model = self.cfg, self.model
         E, H, S, P, K = obs.shape[0], cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, cfg.num_elites
         A = model.cfg.action_dim
+        streams = self._env_streams(E, obs.device)
         nets = PlanningKernels(model, task, E)
         z0 = nets.encode(obs, task)  # (E, L)
         env_mask = model.action_mask(task) if model.multitask else torch.ones(E, A, device=obs.device)  # (E, A)
@@ -89,7 +115,8 @@ class Agent:
             z = z0.repeat_interleave(P, 0)
             mask_p = env_mask.repeat_interleave(P, 0)
             for t in range(H):
-                actions[t, :, :P] = nets.pi(z, mask_p).view(E, P, A)
+                eps = self._randn(streams, (P, A), obs.device).view(E * P, A)
+                actions[t, :, :P] = nets.pi(z, mask_p, eps=eps).view(E, P, A)
                 if t < H - 1:
                     z = nets.step(z, actions[t, :, :P].reshape(E * P, A))[1]
 
@@ -102,11 +129,13 @@ class Agent:
         mask_s = env_mask.repeat_interleave(S, 0)
         mask_b = env_mask.view(1, E, 1, A)
         for _ in range(cfg.iterations):
-            noise = torch.randn(H, E, S - P, A, device=obs.device)
+            noise = self._randn(streams, (H, S - P, A), obs.device).transpose(0, 1)  # (H, E, S - P, A)
             sampled = mean.transpose(0, 1).unsqueeze(2) + std.transpose(0, 1).unsqueeze(2) * noise
             actions[:, :, P:] = sampled.clamp(-1, 1)
             actions.mul_(mask_b)
-            value = self._estimate_value(nets, z_samples, actions.view(H, E * S, A), mask_s).nan_to_num(0).view(E, S)
+            terminal_eps = self._randn(streams, (S, A), obs.device).view(E * S, A)
+            value = self._estimate_value(nets, z_samples, actions.view(H, E * S, A), mask_s,
+                                         terminal_eps).nan_to_num(0).view(E, S)
             elite_value, elite_idx = torch.topk(value, K, dim=1)  # (E, K)
             elite_actions = torch.gather(actions, 2, elite_idx.view(1, E, K, 1).expand(H, E, K, A))  # (H, E, K, A)
             score = torch.exp(cfg.temperature * (elite_value - elite_value.max(1, keepdim=True).values))
@@ -118,16 +147,18 @@ class Agent:
             mean = (mean_h * env_mask).transpose(0, 1)
             std = (std_h.clamp(cfg.min_std, cfg.max_std) * env_mask).transpose(0, 1)
 
-        chosen = torch.multinomial(score, 1).squeeze(1)  # one elite per env, drawn by score
+        # one elite per env, drawn by score
+        chosen = torch.cat([torch.multinomial(score[e], 1, generator=g) for e, g in enumerate(streams)])
         action = elite_actions[0, torch.arange(E, device=obs.device), chosen]  # (E, A)
         if not eval_mode:
-            action = action + std[:, 0] * torch.randn(E, A, device=obs.device)
+            action = action + std[:, 0] * self._randn(streams, (A,), obs.device)
         self._prev_mean = mean.clone()
         return action.clamp(-1, 1)
 
     def _estimate_value(self, nets: PlanningKernels, z: torch.Tensor, actions: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
-        """z: (E * S, L), actions: (H, E * S, A) -> discounted return + terminal value (E * S, 1).
+                        mask: torch.Tensor, terminal_eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (E * S, L), actions: (H, E * S, A) -> discounted return + terminal value (E * S, 1);
+        terminal_eps: (E * S, A) policy noise of the terminal action (drawn if None).
 
         Rows are processed in chunks of whole environments so that activations stay in cache."""
         samples = self.cfg.num_samples
@@ -141,5 +172,6 @@ class Agent:
                 reward, z_chunk = nets.step(z_chunk, actions[t, rows], envs)
                 ret = ret + discount * reward
                 discount *= self.discount
-            out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs), envs)
+            eps = None if terminal_eps is None else terminal_eps[rows]
+            out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs, eps=eps), envs)
         return out

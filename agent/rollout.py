@@ -98,14 +98,15 @@ class PlanningKernels:
                                        last.ln.bias), self.cfg.simnorm_dim)
         return reward, z_next
 
-    def pi(self, z: torch.Tensor, mask: torch.Tensor | None, envs: slice = slice(None)) -> torch.Tensor:
-        """z: (N, L) -> sampled squashed action (N, A); mask: (N, A) or None."""
+    def pi(self, z: torch.Tensor, mask: torch.Tensor | None, envs: slice = slice(None),
+           eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (N, L) -> sampled squashed action (N, A); mask: (N, A) or None; eps: (N, A) noise (drawn if None)."""
         m, cfg = self.model, self.cfg
         h = _hidden(self._add_const(z @ self.pi_w, self.pi_const, envs), m._pi[0])
         out = m._pi[2](_linear_hidden(h, m._pi[1]))
         mean, log_std = out.chunk(2, dim=-1)
         log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (torch.tanh(log_std) + 1)
-        eps = torch.randn_like(mean)
+        eps = torch.randn_like(mean) if eps is None else eps
         if mask is not None:
             mean, log_std, eps = mean * mask, log_std * mask, eps * mask
         return torch.tanh(mean + eps * log_std.exp())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -51,6 +52,14 @@ def write_sweep_meta(out: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(out / SWEEP_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def _trial_id(result) -> str:
+    """Ray's trial id (as the trial itself reports it), from the metrics or the trial directory name."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return str(result.metrics["trial_id"])
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", result.path.rstrip("/").rsplit("/", 1)[-1])
+    return match.group(1) if match else result.path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def rows_from_result_grid(grid) -> list[dict[str, Any]]:
     """Every reported row of every trial, plus one error row per failed trial."""
     rows: list[dict[str, Any]] = []
@@ -62,7 +71,7 @@ def rows_from_result_grid(grid) -> list[dict[str, Any]]:
             config = dict(result.config.get("trial", {}))
             config.update({k: v for k, v in result.config.items() if k != "trial"})
             message = str(result.error).strip().splitlines()
-            rows.append({"trial_id": result.path.rstrip("/").rsplit("/", 1)[-1], "status": "error",
+            rows.append({"trial_id": _trial_id(result), "status": "error",
                          "config": {k: config.get(k) for k in ("d_coef", "batch_size", "steps", "teacher_size",
                                                                 "target", "seed", "ablation")},
                          "step": rows[-1]["step"] if reported else 0, "phase": "train", "quant": "fp32",

@@ -1,0 +1,167 @@
+"""Evaluation of a world model on MT30 tasks with the official TD-MPC2 protocol, batched.
+
+Official protocol: every task's environment is built with the evaluation `seed`; episode k of a
+task is the k-th reset of that environment; an episode lasts 500 agent steps; the return is the
+float32 running sum of the step rewards; score = return / 10; the normalized score is the mean over
+tasks of the mean score over episodes.
+
+`evaluate` steps all (task, episode) environments in lockstep with one agent call per step: env
+copy k of a task is reset k + 1 times (the first k resets are discarded), so it starts from the
+same state as the k-th episode of a sequential run. `evaluate(..., batched=False)` runs that
+sequential loop (one environment per task, E = 1 per agent call) as the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from agent.envs import DMCEnv, TaskSet, check_task, make_env, pad_obs
+from agent.errors import ConfigError
+from agent.planner import Agent
+from agent.tasksets import EPISODE_LENGTH, MT30
+from agent.world_model import WorldModel
+
+COLUMNS = ["task", "episode", "return", "score"]
+SCORE_DIVISOR = 10.0  # DMControl score = return / 10 (returns lie in [0, 1000])
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One (task, episode) environment of a batched evaluation."""
+
+    task: str
+    task_id: int
+    episode: int
+
+
+def _task_set(model: WorldModel, tasks: Sequence[str], task_set: Sequence[str] | None) -> TaskSet:
+    """The ordered task list whose indices are the model's task ids, padded to the model's widths."""
+    for task in tasks:
+        check_task(task)  # unknown / Meta-World names fail with their own message first
+    names = task_set if task_set is not None else getattr(model.cfg, "tasks", None) or MT30
+    ts = TaskSet(tuple(names), obs_pad=model.cfg.obs_dim, action_pad=model.cfg.action_dim)
+    missing = [t for t in tasks if t not in ts.names]
+    if missing:
+        raise ConfigError(f"tasks {missing} are not in the model's task set ({', '.join(ts.names)})")
+    return ts
+
+
+def _make_agent(model: WorldModel, plan: bool, seed: int, overrides: dict[str, Any] | None) -> Agent:
+    settings = {"seed": seed, **(overrides or {}), "mpc": plan}
+    return Agent(model, **settings)
+
+
+def _act(agent: Agent, obs: np.ndarray, task_ids: torch.Tensor | None, t0: bool) -> np.ndarray:
+    """obs: (E, obs_pad) float32 -> actions (E, action_pad) float32."""
+    num_envs = obs.shape[0]
+    action = agent.act(torch.from_numpy(obs), task_ids, torch.full((num_envs,), t0, dtype=torch.bool), eval_mode=True)
+    return action.detach().cpu().numpy().astype(np.float32, copy=False)
+
+
+def _env_at_episode(task: str, seed: int, episode: int, max_steps: int | None) -> DMCEnv:
+    """An env of `task` built with `seed` and reset `episode` times, so its next reset is episode `episode`."""
+    env = make_env(task, seed)
+    for _ in range(episode):
+        env.reset()
+    if max_steps is not None:
+        env.max_episode_steps = max_steps
+    return env
+
+
+def _run_lockstep(agent: Agent, envs: list[DMCEnv], slots: list[_Slot], ts: TaskSet, multitask: bool,
+                  bar: tqdm) -> np.ndarray:
+    """Run one episode in each env, all in lockstep (one agent call per step). Returns (E,) float32 returns.
+
+    Each (task, episode) plans with its own random stream, so batching does not change its noise."""
+    num_envs = len(envs)
+    task_ids = [s.task_id for s in slots]
+    agent.set_env_keys([s.task_id * 1_000_003 + s.episode for s in slots])
+    obs = np.stack([pad_obs(env.reset(), ts.obs_pad) for env in envs])  # (E, obs_pad)
+    ids = torch.tensor(task_ids, dtype=torch.long) if multitask else None
+    returns = np.zeros(num_envs, np.float32)
+    running = np.ones(num_envs, bool)
+    t = 0
+    while running.any():
+        actions = _act(agent, obs, ids, t0=t == 0)  # finished envs keep their last obs; their actions are unused
+        for i in np.flatnonzero(running):
+            env = envs[i]
+            o, reward, terminated, truncated, _ = env.step(actions[i, :env.action_dim])
+            obs[i, :env.obs_dim] = o
+            returns[i] += np.float32(reward)
+            running[i] = not (terminated or truncated)
+        t += 1
+        bar.update(1)
+    return returns
+
+
+def evaluate(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, plan: bool = True,
+             agent_overrides: dict[str, Any] | None = None, progress: bool = True,
+             task_set: Sequence[str] | None = None, batched: bool = True,
+             max_steps: int | None = None) -> pd.DataFrame:
+    """Evaluate `model` on `tasks` (names) for `episodes` episodes each.
+
+    plan: MPPI (True) or the policy prior's mean action (False).
+    agent_overrides: PlannerConfig fields (iterations, num_samples, horizon, ...) and/or `seed`
+        (the agent's torch seed; default `seed`).
+    task_set: ordered task names whose indices are the model's task ids (default: the model's
+        `cfg.tasks`, MT30 for MT30 models).
+    batched: lockstep over all (task, episode) envs (True) or the sequential official loop (False).
+    max_steps: shorter episodes for tests (default: the official 500 agent steps).
+
+    Returns one row per (task, episode): task, episode, return (float32 running sum), score = return / 10.
+    """
+    tasks = list(tasks)
+    if episodes < 1:
+        raise ConfigError(f"evaluate: episodes must be >= 1, got {episodes}")
+    if not tasks:
+        raise ConfigError("evaluate: no tasks given")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"evaluate: max_steps must be >= 1, got {max_steps}")
+    ts = _task_set(model, tasks, task_set)
+    multitask = bool(getattr(model, "multitask", True))
+    agent = _make_agent(model, plan, seed, agent_overrides)
+    slots = [_Slot(task, ts.task_id(task), k) for task in tasks for k in range(episodes)]
+    steps = max_steps or EPISODE_LENGTH
+    total = steps if batched else steps * len(slots)
+    desc = f"eval {len(tasks)} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        if batched:
+            envs = [_env_at_episode(s.task, seed, s.episode, max_steps) for s in slots]
+            returns = _run_lockstep(agent, envs, slots, ts, multitask, bar)
+        else:
+            returns = np.zeros(len(slots), np.float32)
+            i = 0
+            for task in tasks:  # the official loop: one env per task, successive resets
+                env = _env_at_episode(task, seed, 0, max_steps)
+                for _ in range(episodes):
+                    returns[i] = _run_lockstep(agent, [env], [slots[i]], ts, multitask, bar)[0]
+                    i += 1
+    return pd.DataFrame({
+        "task": [s.task for s in slots],
+        "episode": [s.episode for s in slots],
+        "return": returns.astype(np.float64),
+        "score": returns.astype(np.float64) / SCORE_DIVISOR,
+    }, columns=COLUMNS)
+
+
+def evaluate_sequential(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, **kwargs: Any) -> pd.DataFrame:
+    """`evaluate` with one environment at a time (the official loop); the batched run's reference."""
+    return evaluate(model, tasks, episodes, seed, batched=False, **kwargs)
+
+
+def task_scores(df: pd.DataFrame) -> dict[str, float]:
+    """task -> mean score over its episodes, in first-appearance order."""
+    means = df.groupby("task", sort=False)["score"].mean()
+    return {task: float(score) for task, score in means.items()}
+
+
+def normalized_score(df: pd.DataFrame) -> float:
+    """Mean over tasks of the mean episode score (each task weighs the same)."""
+    if df.empty:
+        raise ConfigError("normalized_score: no evaluation rows")
+    return float(np.mean(list(task_scores(df).values())))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from agent.checkpoint import load_world_model, save_world_model
 from agent.config import DistillConfig, TrainConfig, model_config
 from agent.data import EpisodeStore
 from agent.evaluate import evaluate, normalized_score, task_scores
@@ -82,6 +83,10 @@ def _inject_faults(cfg: TrialConfig, ctx: TrialContext, step: int, model: WorldM
             model._dynamics[0].weight.fill_(float("nan"))
 
 
+def _parameters_finite(model: WorldModel) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
               log: Callable[[str], None] = lambda _: None) -> None:
     """Train and evaluate one trial, reporting one row per evaluation (see docs/results-format.md).
@@ -104,8 +109,13 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
         chunk = min(cfg.eval_every - trainer.step % cfg.eval_every, cfg.steps - trainer.step)
         for _ in range(chunk):
             _inject_faults(cfg, ctx, trainer.step, student)
-            metrics = trainer.update()
-            loss = float(metrics.get("total_loss", metrics.get("loss", 0.0)))
+            try:
+                metrics = trainer.update()
+            except RuntimeError:
+                if _parameters_finite(student):
+                    raise  # a genuine failure: let the scheduler retry from the checkpoint
+                metrics = {"total": float("nan")}  # NaN weights break two-hot indexing mid-update
+            loss = metrics["total"]
             if not math.isfinite(loss):
                 report(_row(cfg, ctx, trainer.step, "train", "fp32", None, cfg.eval_episodes,
                             error=f"diverged: non-finite loss at step {trainer.step}"), None)
@@ -116,10 +126,13 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
             report(_row(cfg, ctx, trainer.step, "train", "fp32", scores, cfg.eval_episodes,
                         restored_from=restored_from, updates_per_s=trainer.step / (time.perf_counter() - start)),
                    Path(checkpoint_dir))
-    for mode in cfg.quant_modes:
-        from agent.quantize import quantize_model_file
+    if not cfg.quant_modes:
+        return
+    from agent.quantize import quantize_file
 
-        with tempfile.TemporaryDirectory() as scratch:
-            quantized, size_mib = quantize_model_file(student, mode, Path(scratch) / f"student-{mode}.pt")
-            scores = _evaluate(quantized, cfg, tasks)
-        report(_row(cfg, ctx, trainer.step, "final", mode, scores, cfg.eval_episodes, size_mib=size_mib), None)
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32_file = save_world_model(student, Path(scratch) / "student.pt")
+        for mode in cfg.quant_modes:  # each precision goes through a real file and the loader
+            result = quantize_file(fp32_file, mode, Path(scratch) / f"student-{mode}.pt")
+            scores = _evaluate(load_world_model(result.path), cfg, tasks)
+            report(_row(cfg, ctx, trainer.step, "final", mode, scores, cfg.eval_episodes, size_mib=result.size_mib), None)

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(REPO / "sweeps" / "run.py")]
 
 
-def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MUJOCO_GL": "disable", "PYTHONPATH": str(REPO)}
+def _run(*args: str, timeout: int = 900, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MUJOCO_GL": "disable", "PYTHONPATH": str(REPO), **extra_env}
     return subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
@@ -105,7 +105,8 @@ def test_killed_trial_is_retried_from_its_checkpoint_and_nan_trial_is_isolated(t
 @pytest.mark.skipif(shutil.which("ray") is None, reason="the ray CLI is not on PATH")
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     port = "6391"
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    # the head enables token authentication (token in ~/.ray/auth_token); joiners must use it too
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "token"}
     start = ["ray", "start", "--num-cpus", "1", "--disable-usage-stats"]
     subprocess.run([*start, "--head", "--port", port, "--include-dashboard", "false"], check=True, env=env,
                    capture_output=True, timeout=180)
@@ -113,7 +114,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
         subprocess.run([*start, "--address", f"127.0.0.1:{port}"], check=True, env=env, capture_output=True, timeout=180)
         out = tmp_path / "cluster"
         result = _run("--grid", "teacher_size", "--preset", "smoke", "--seeds", "2", "--out", str(out),
-                      "--address", f"127.0.0.1:{port}", "--set", 'quant_modes=["fp32"]')
+                      "--address", f"127.0.0.1:{port}", "--set", 'quant_modes=["fp32"]', RAY_AUTH_MODE="token")
         assert result.returncode == 0, result.stderr[-3000:]
         nodes = {r["node_id"] for r in _rows(out)}
         assert len(nodes) == 2

@@ -37,6 +37,7 @@ class Agent:
         self.seed = seed
         self._env_keys: list[int] | None = None
         self._streams: list[torch.Generator] | None = None
+        self._head_stream: torch.Generator | None = None
 
     def set_env_keys(self, keys: list[int]) -> None:
         """Give environment slot i the random stream of `keys[i]` (fresh streams, warm starts reset)."""
@@ -44,6 +45,13 @@ class Agent:
         self._streams = None
         self._prev_mean = None
         self._streams = None
+
+    def _q_heads(self, device: torch.device) -> torch.Tensor:
+        """Two distinct Q-head indices from the agent's own stream (never torch's global one)."""
+        if self._head_stream is None:
+            base = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            self._head_stream = torch.Generator(device="cpu").manual_seed((base * 7_919 + 17) % 2**63)
+        return torch.randperm(self.model.cfg.num_q, generator=self._head_stream)[:2].to(device)
 
     def _env_streams(self, num_envs: int, device: torch.device) -> list[torch.Generator]:
         if self._streams is None or len(self._streams) != num_envs:
@@ -162,6 +170,7 @@ class Agent:
 
         Rows are processed in chunks of whole environments so that activations stay in cache."""
         samples = self.cfg.num_samples
+        heads = self._q_heads(z.device)
         envs_per_chunk = max(1, self.chunk_rows // samples)
         out = torch.empty(z.shape[0], 1, device=z.device)
         for first in range(0, z.shape[0] // samples, envs_per_chunk):
@@ -173,5 +182,5 @@ class Agent:
                 ret = ret + discount * reward
                 discount *= self.discount
             eps = None if terminal_eps is None else terminal_eps[rows]
-            out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs, eps=eps), envs)
+            out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs, eps=eps), envs, heads)
         return out

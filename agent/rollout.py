@@ -111,10 +111,12 @@ class PlanningKernels:
             mean, log_std, eps = mean * mask, log_std * mask, eps * mask
         return torch.tanh(mean + eps * log_std.exp())
 
-    def q_avg(self, z: torch.Tensor, a: torch.Tensor, envs: slice = slice(None)) -> torch.Tensor:
-        """Mean of two randomly chosen online Q heads' values: (N, 1)."""
+    def q_avg(self, z: torch.Tensor, a: torch.Tensor, envs: slice = slice(None),
+              heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of two online Q heads' values (N, 1); heads: (2,) indices, random if None."""
         cfg, layers = self.cfg, self.model._Qs.layers
-        heads = torch.randperm(cfg.num_q, device=z.device)[:2]
+        if heads is None:
+            heads = torch.randperm(cfg.num_q, device=z.device)[:2]
         width = cfg.mlp_dim
         w = self.q_w.view(-1, cfg.num_q, width)[:, heads].transpose(0, 1)  # (2, L + A, mlp)
         const = self.q_const.view(self.E, cfg.num_q, width)[envs][:, heads]  # (e, 2, mlp)

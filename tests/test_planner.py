@@ -117,3 +117,29 @@ def test_flop_count_of_the_1m_student():
 
     gflop = planning_flops(model_config(1), PlannerConfig()) / 1e9
     assert 14 < gflop < 16  # 6 iterations x 512 samples x (3 x (reward + next) + pi + 2 Q heads)
+
+
+def test_seeded_planning_ignores_the_global_torch_stream():
+    model = _random_model(num_q=5)  # > 2 heads: the terminal-value head pair is a random draw too
+    obs, task = torch.randn(2, 24), torch.tensor([0, 1])
+    settings = dict(iterations=2, num_samples=32, num_elites=4, num_pi_trajs=2)
+    torch.manual_seed(0)
+    first = Agent(model, seed=3, **settings).act(obs, task, t0=True)
+    torch.manual_seed(123)
+    torch.randn(1000)
+    assert torch.equal(first, Agent(model, seed=3, **settings).act(obs, task, t0=True))
+
+
+def test_batched_planning_equals_planning_each_env_alone(student):
+    obs, task = torch.randn(3, 24), torch.tensor([0, 7, 4])
+    settings = dict(iterations=2, num_samples=64, num_elites=8, num_pi_trajs=4)
+    batched_agent = Agent(student, seed=3, **settings)
+    batched_agent.set_env_keys([10, 11, 12])
+    batched = [batched_agent.act(obs, task, t0=True), batched_agent.act(obs, task, t0=False, eval_mode=False)]
+    for i in range(3):
+        alone = Agent(student, seed=3, **settings)
+        alone.set_env_keys([10 + i])
+        single = [alone.act(obs[i:i + 1], task[i:i + 1], t0=True),
+                  alone.act(obs[i:i + 1], task[i:i + 1], t0=False, eval_mode=False)]
+        for b, s in zip(batched, single):
+            torch.testing.assert_close(b[i:i + 1], s, rtol=0, atol=1e-4)  # matmul blocking only

@@ -1,0 +1,21 @@
+"""Embedded benchmarks. MT-mini (`agent.benchmarks.mt_mini`): a few fast-learning MT30 tasks with
+two shipped teachers, runnable on a laptop with no official files.
+
+    from agent.benchmarks import mt_mini_tasks, teacher_path, ensure_dataset, QUICK_DEFAULTS
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "QUICK_DEFAULTS", "MiniBenchmarkError", "ensure_dataset", "evaluate_mt_mini", "manifest", "mt_mini_tasks",
+    "student_config", "teacher_path", "verify_step",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, so `python -m agent.benchmarks.mt_mini` does not import the module twice
+    if name in __all__:
+        from agent.benchmarks import mt_mini
+        return getattr(mt_mini, name)
+    raise AttributeError(f"module 'agent.benchmarks' has no attribute {name!r}")

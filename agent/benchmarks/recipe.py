@@ -1,0 +1,295 @@
+"""The MT-mini recipe, the way MT30 was made, at laptop scale:
+
+1. `online:<task>`  single-task online TD-MPC2 per task (small model, reduced MPPI);
+2. `pool`           their replay episodes pooled into one multi-task episode store;
+3. `teacher:<size>` two offline multi-task teachers (small / large) trained on the pool;
+4. `eval:<name>`    both teachers and an untrained (scratch) student evaluated with the MT-mini protocol;
+then MANIFEST.json / MANIFEST.md are written from the stage records.
+
+Every stage records itself under `<work>/stages/` when done (re-running skips it); the online runs
+and teacher trainings also checkpoint inside the stage, so an interrupted build continues.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from agent.benchmarks.online import OnlineRun, OnlineRunSpec
+from agent.benchmarks.stages import StageLog, StageRecord, current_command
+from agent.checkpoint import load_world_model, save_world_model
+from agent.config import DistillConfig, TrainConfig, model_config
+from agent.tasksets import MT30_ACTION_DIM, MT30_OBS_DIM
+from agent.world_model import WorldModel
+
+Log = Callable[[str], None]
+
+# Tasks chosen by measurement (the selection table of MANIFEST.md): the highest single-task scores
+# after 3400-step online runs among the measured candidates.
+DEFAULT_TASKS: tuple[str, ...] = ("cartpole-balance", "cartpole-swingup", "cup-catch", "walker-stand")
+EPISODE_STEPS = 200                              # agent steps per episode (official: 500)
+PLANNER: dict[str, Any] = {"num_samples": 128, "iterations": 3}  # reduced MPPI for collection and evaluation
+EVAL_SEED = 12345                                # distinct from the training env seeds (seed * 1000 + k)
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """One offline multi-task teacher: model dims, updates, batch size."""
+
+    size: str
+    dims: dict[str, int]
+    steps: int
+    batch_size: int = 256
+
+
+# the 48M / 317M pair at laptop scale: ~67k and ~0.33M parameters on MT-mini (5 Q heads like the large presets)
+SMALL_TEACHER = TeacherRecipe("small", dict(enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16, num_q=2), steps=3000)
+LARGE_TEACHER = TeacherRecipe("large", dict(enc_dim=128, mlp_dim=128, latent_dim=64, task_dim=16, num_q=5), steps=3000)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Everything the recipe depends on (stage settings are slices of this)."""
+
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    seed: int = 1
+    episode_steps: int = EPISODE_STEPS
+    planner: dict[str, Any] = field(default_factory=lambda: dict(PLANNER))
+    online_steps: int = 3400
+    online_seed_steps: int = 600
+    online_batch_size: int = 128
+    online_dims: dict[str, int] = field(default_factory=lambda: dict(enc_dim=64, mlp_dim=64, latent_dim=32, num_q=2))
+    teachers: tuple[TeacherRecipe, ...] = (SMALL_TEACHER, LARGE_TEACHER)
+    eval_episodes: int = 4
+    eval_seed: int = EVAL_SEED
+    scratch_dims: dict[str, int] = field(default_factory=lambda: dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2))
+
+    def teacher(self, size: str) -> TeacherRecipe:
+        for t in self.teachers:
+            if t.size == size:
+                return t
+        raise KeyError(f"no teacher of size {size!r}; sizes: {[t.size for t in self.teachers]}")
+
+    def online_spec(self, task: str) -> OnlineRunSpec:
+        return OnlineRunSpec(task=task, steps=self.online_steps, seed_steps=self.online_seed_steps,
+                             episode_steps=self.episode_steps, seed=self.seed, dims=dict(self.online_dims),
+                             planner=dict(self.planner), batch_size=self.online_batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RecipeConfig":
+        values = dict(values)
+        values["tasks"] = tuple(values["tasks"])
+        values["teachers"] = tuple(TeacherRecipe(**t) for t in values["teachers"])
+        return cls(**values)
+
+
+def multitask_config(tasks: list[str] | tuple[str, ...], dims: dict[str, int]):
+    """A multi-task model config over `tasks`, padded to the MT30 widths (24 / 6)."""
+    return model_config(None, tasks=list(tasks), obs_dim=MT30_OBS_DIM, action_dim=MT30_ACTION_DIM, **dims)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+def evaluate_protocol(model: WorldModel, cfg: RecipeConfig, progress: bool = False) -> dict[str, Any]:
+    """MT-mini evaluation (MPPI with the reduced planner, `episode_steps`-step episodes, fixed seed).
+    Returns score (mean over tasks), task_scores, episode_scores {task: [...]}."""
+    from agent.evaluate import evaluate, normalized_score, task_scores
+
+    torch.manual_seed(cfg.eval_seed)  # the planner draws its Q-head pair (num_q > 2) from the global generator
+    df = evaluate(model, list(cfg.tasks), cfg.eval_episodes, cfg.eval_seed, plan=True, agent_overrides=dict(cfg.planner),
+                  progress=progress, max_steps=cfg.episode_steps)
+    episodes = {task: [float(s) for s in group["score"]] for task, group in df.groupby("task", sort=False)}
+    return {"score": normalized_score(df), "task_scores": task_scores(df), "episode_scores": episodes}
+
+
+def score_tolerance(episode_scores: dict[str, list[float]], floor: float = 1.0) -> float:
+    """Noise band of a normalized score: 3 standard errors of the mean over tasks (per-task
+    episode spread), at least `floor` score points."""
+    variances = [np.var(v, ddof=1) / len(v) if len(v) > 1 else 0.0 for v in episode_scores.values()]
+    se = float(np.sqrt(np.sum(variances)) / len(variances))
+    return max(3 * se, floor)
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+def online_stage(cfg: RecipeConfig, task: str, work: Path, log: Log) -> dict[str, Any]:
+    run = OnlineRun(cfg.online_spec(task), work / "online" / task, log=log)
+    model = run.run()
+    single = replace(cfg, tasks=(task,))
+    evaluation = evaluate_protocol(model, single)
+    log(f"[{task}] single-task score {evaluation['score']:.1f}")
+    return {"episode_returns": run.progress.episode_returns, "updates": run.progress.updates_done,
+            "train_wall_s": run.progress.wall_s, "params": model.num_parameters(), **evaluation}
+
+
+def pool_stage(cfg: RecipeConfig, work: Path, log: Log) -> dict[str, Any]:
+    """Pool every online run's replay episodes into `work/pool` (multi-task ids = order in cfg.tasks)."""
+    from agent.data import EpisodeStoreWriter
+
+    out = work / "pool"
+    per_task: dict[str, float] = {}
+    with EpisodeStoreWriter(out, tasks=list(cfg.tasks), task_set="mt-mini", obs_dim=MT30_OBS_DIM,
+                            action_dim=MT30_ACTION_DIM, episode_length=cfg.episode_steps + 1, mode="overwrite",
+                            source="agent.benchmarks.recipe:pool", info={"tasks": list(cfg.tasks)}) as writer:
+        for task_id, task in enumerate(cfg.tasks):
+            run = OnlineRun(cfg.online_spec(task), work / "online" / task, log=log)
+            obs, action, reward = run.padded_episodes(MT30_OBS_DIM, MT30_ACTION_DIM)
+            writer.append(obs, action, reward, np.full(len(obs), task_id, np.int64))
+            per_task[task] = float(np.nansum(reward, axis=1).mean())
+            log(f"[pool] {task}: {len(obs)} episodes, mean return {per_task[task]:.1f}")
+    return {"store": str(out), "episodes": sum(1 for _ in cfg.tasks) * cfg.online_spec(cfg.tasks[0]).episodes,
+            "mean_return": per_task}
+
+
+def train_teacher(cfg: RecipeConfig, teacher: TeacherRecipe, store: Path, state_dir: Path, log: Log,
+                  save_every: int = 250) -> WorldModel:
+    """Offline multi-task training on the pooled store, checkpointed every `save_every` updates."""
+    from agent.train import offline_trainer, seed_everything
+
+    seed_everything(cfg.seed)
+    model = WorldModel(multitask_config(cfg.tasks, teacher.dims))
+    train_cfg = TrainConfig(batch_size=teacher.batch_size, seed=cfg.seed, distill=DistillConfig(target=None))
+    trainer = offline_trainer(model, store, train_cfg)
+    state = state_dir / "trainer.pt"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if state.exists():
+        trainer.load(state)
+        log(f"[teacher-{teacher.size}] resuming at update {trainer.step}/{teacher.steps}")
+    started, first = time.perf_counter(), trainer.step
+    while trainer.step < teacher.steps:
+        metrics = trainer.train(min(save_every, teacher.steps - trainer.step))
+        trainer.save(state)
+        rate = (trainer.step - first) / (time.perf_counter() - started)
+        log(f"[teacher-{teacher.size}] update {trainer.step}/{teacher.steps} total {metrics['total']:.3f} "
+            f"consistency {metrics['consistency']:.4f} reward {metrics['reward']:.3f} ({rate:.1f} upd/s)")
+    return model
+
+
+def teacher_stage(cfg: RecipeConfig, size: str, work: Path, out: Path, log: Log) -> dict[str, Any]:
+    teacher = cfg.teacher(size)
+    started = time.perf_counter()
+    model = train_teacher(cfg, teacher, work / "pool", work / f"teacher-{size}", log)
+    train_s = time.perf_counter() - started
+    path = save_world_model(model, out / f"teacher-{size}.pt", benchmark="mt-mini", size=size)
+    return {"file": path.name, "sha256": file_sha256(path), "params": model.num_parameters(),
+            "train_wall_s": train_s, "updates_per_s": teacher.steps / max(train_s, 1e-9)}
+
+
+def eval_stage(cfg: RecipeConfig, name: str, out: Path, log: Log) -> dict[str, Any]:
+    """`teacher-small` / `teacher-large`: the saved teacher; `untrained`: a scratch student (seeded init)."""
+    if name == "untrained":
+        torch.manual_seed(cfg.seed)
+        model = WorldModel(multitask_config(cfg.tasks, cfg.scratch_dims))
+    else:
+        model = load_world_model(out / f"{name}.pt")
+    started = time.perf_counter()
+    result = evaluate_protocol(model, cfg)
+    log(f"[eval {name}] score {result['score']:.1f} " + " ".join(f"{t}={s:.1f}" for t, s in result["task_scores"].items()))
+    return {**result, "params": model.num_parameters(), "eval_wall_s": time.perf_counter() - started}
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+def _stage_settings(cfg: RecipeConfig, name: str) -> dict[str, Any]:
+    """The settings a stage's result depends on (a change re-runs it)."""
+    d = cfg.to_dict()
+    common = {k: d[k] for k in ("seed", "episode_steps", "planner")}
+    if name.startswith("online:"):
+        return {**common, "spec": asdict(cfg.online_spec(name.split(":", 1)[1])), "eval": [cfg.eval_episodes, cfg.eval_seed]}
+    base = {**common, "tasks": d["tasks"], "online": [d["online_steps"], d["online_seed_steps"], d["online_batch_size"],
+                                                     d["online_dims"]]}
+    if name == "pool":
+        return base
+    if name.startswith("teacher:"):
+        return {**base, "teacher": asdict(cfg.teacher(name.split(":", 1)[1]))}
+    evaluated = name.split(":", 1)[1]
+    extra = ({"teacher": asdict(cfg.teacher(evaluated.split("-", 1)[1]))} if evaluated != "untrained"
+             else {"scratch_dims": d["scratch_dims"]})
+    return {**base, **extra, "eval": [cfg.eval_episodes, cfg.eval_seed]}
+
+
+def stage_names(cfg: RecipeConfig) -> list[str]:
+    return ([f"online:{t}" for t in cfg.tasks] + ["pool"] + [f"teacher:{t.size}" for t in cfg.teachers]
+            + [f"eval:teacher-{t.size}" for t in cfg.teachers] + ["eval:untrained"])
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _run_stage(cfg_dict: dict[str, Any], name: str, work: str, out: str, command: str, threads: int,
+               log: Log = _print) -> dict[str, Any]:
+    """Run one stage (in this process or a worker) and return its record as a dict."""
+    torch.set_num_threads(threads)
+    cfg, work_dir, out_dir = RecipeConfig.from_dict(cfg_dict), Path(work), Path(out)
+    kind, _, arg = name.partition(":")
+    body: Callable[[], dict[str, Any]] = {
+        "online": lambda: online_stage(cfg, arg, work_dir, log),
+        "pool": lambda: pool_stage(cfg, work_dir, log),
+        "teacher": lambda: teacher_stage(cfg, arg, work_dir, out_dir, log),
+        "eval": lambda: eval_stage(cfg, arg, out_dir, log),
+    }[kind]
+    return asdict(StageLog(work_dir).run(name, command, _stage_settings(cfg, name), body, log))
+
+
+def build(cfg: RecipeConfig, out: Path, work: Path | None = None, jobs: int = 1, threads: int = 1,
+          only: str | None = None, log: Log = print) -> dict[str, Any] | None:
+    """Run (or finish) every stage, then write MANIFEST.json / .md into `out`. Returns the manifest.
+    `jobs` > 1 runs independent stages (the online runs; the two teachers) in parallel processes of
+    `threads` torch threads each (1 is fastest on a busy machine: idle OpenMP workers spin).
+    `only`: run just the stages whose name starts with it (no manifest; returns None)."""
+    from agent.benchmarks.manifest import write_manifest
+
+    out = Path(out).absolute()
+    work = Path(work).absolute() if work is not None else out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    command = current_command()
+    started = time.perf_counter()
+    records: dict[str, StageRecord] = {}
+
+    def run_group(names: list[str]) -> None:
+        args = [(cfg.to_dict(), n, str(work), str(out), command, threads) for n in names]
+        if jobs > 1 and len(names) > 1:
+            with ProcessPoolExecutor(min(jobs, len(names)), mp_context=get_context("spawn")) as pool:
+                results = list(pool.map(_run_stage, *zip(*args)))
+        else:
+            results = [_run_stage(*a, log=log) for a in args]
+        for r in results:
+            records[r["name"]] = StageRecord(**r)
+
+    names = stage_names(cfg)
+    if only is not None:
+        run_group([n for n in names if n.startswith(only)])
+        return None
+    for group in ([n for n in names if n.startswith("online:")], ["pool"], [n for n in names if n.startswith("teacher:")],
+                  [n for n in names if n.startswith("eval:")]):
+        run_group(group)
+    log(f"build finished ({time.perf_counter() - started:.0f}s this invocation)")
+    return write_manifest(cfg, [records[n] for n in names], out, candidate_scores(cfg, work))
+
+
+def candidate_scores(cfg: RecipeConfig, work: Path) -> dict[str, float]:
+    """Single-task scores of every online run in `work` made with this recipe's online settings,
+    chosen tasks or not (the measurement the task list was chosen by)."""
+    stages, scores = StageLog(work), {}
+    for path in sorted(stages.dir.glob("online-*.json")):
+        name = json.loads(path.read_text())["name"]
+        record = stages.get(name, _stage_settings(cfg, name))
+        if record is not None:
+            scores[name.split(":", 1)[1]] = record.results["score"]
+    return scores

@@ -1,0 +1,143 @@
+"""MT-mini: the shipped assets are consistent, the recipe runs end to end and resumes, the dataset
+cache is built once, and re-evaluating a teacher reproduces its manifest score."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent.benchmarks import mt_mini
+from agent.benchmarks.recipe import RecipeConfig, TeacherRecipe, build, stage_names
+from agent.checkpoint import load_world_model
+from agent.data import EpisodeStore
+
+TINY_TASKS = ("cartpole-balance", "cup-catch")
+
+
+def tiny_recipe() -> RecipeConfig:
+    """Minimal step budgets: 3 ten-step episodes per task, 3 updates per teacher, 1 eval episode."""
+    return RecipeConfig(tasks=TINY_TASKS, episode_steps=10, online_steps=30, online_seed_steps=10,
+                        teachers=(TeacherRecipe("small", dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2), 3),
+                                  TeacherRecipe("large", dict(enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=8, num_q=2), 3)),
+                        eval_episodes=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("mt-mini-build")
+    build(tiny_recipe(), out, log=lambda msg: None)
+    return out
+
+
+# -- shipped assets -----------------------------------------------------------------------------
+
+def test_shipped_manifest_names_loadable_teachers_matching_it():
+    m = mt_mini.manifest()
+    assert m["benchmark"] == "mt-mini" and m["tasks"] == mt_mini.mt_mini_tasks()
+    assert len(m["tasks"]) >= 2
+    for size in mt_mini.TEACHER_SIZES:
+        entry = m["teachers"][size]
+        model = load_world_model(mt_mini.teacher_path(size))
+        assert model.cfg.tasks == m["tasks"]
+        assert (model.cfg.obs_dim, model.cfg.action_dim) == (m["obs_dim"], m["action_dim"])
+        for name, value in entry["dims"].items():
+            assert getattr(model.cfg, name) == value, (size, name)
+        assert model.num_parameters() == entry["params"]
+        assert set(entry["task_scores"]) == set(m["tasks"])
+    assert m["teachers"]["large"]["params"] > m["teachers"]["small"]["params"]
+    student = mt_mini.student_config()
+    assert student.tasks == m["tasks"]
+    from agent.world_model import WorldModel
+    assert 2 * WorldModel(student).num_parameters() < m["teachers"]["small"]["params"]
+
+
+def test_shipped_teachers_beat_an_untrained_model():
+    m = mt_mini.manifest()
+    assert m["teachers"]["large"]["score"] > m["baselines"]["untrained"]["score"]
+    for stage in m["stages"]:
+        assert stage["command"].startswith("python") and stage["wall_s"] >= 0 and "seed" in stage
+
+
+def test_unknown_teacher_size_is_one_clear_error():
+    with pytest.raises(mt_mini.MiniBenchmarkError, match="small"):
+        mt_mini.teacher_path("medium")
+
+
+# -- recipe -------------------------------------------------------------------------------------
+
+def test_tiny_build_completes_and_resumes_without_repeating_work(tiny_build: Path):
+    cfg = tiny_recipe()
+    m = json.loads((tiny_build / "MANIFEST.json").read_text())
+    assert (tiny_build / "MANIFEST.md").read_text().startswith("# MT-mini")
+    assert [s["name"] for s in m["stages"]] == stage_names(cfg)
+    assert m["tasks"] == list(TINY_TASKS)
+    for size in ("small", "large"):
+        model = load_world_model(mt_mini.teacher_path(size, tiny_build))
+        assert model.cfg.tasks == list(TINY_TASKS)
+    records = sorted((tiny_build / "work" / "stages").glob("*.json"))
+    assert len(records) == len(stage_names(cfg))
+    before = {p.name: p.read_text() for p in records}
+
+    messages: list[str] = []
+    started = time.perf_counter()
+    again = build(cfg, tiny_build, log=messages.append)
+    assert time.perf_counter() - started < 10
+    assert {p.name: p.read_text() for p in records} == before  # no stage re-ran
+    assert sum("skipping" in msg for msg in messages) == len(stage_names(cfg))
+    assert again["teachers"] == m["teachers"]
+
+
+def test_changed_budget_reruns_only_the_affected_stage(tiny_build: Path, tmp_path: Path):
+    import shutil
+
+    copy = tmp_path / "build"
+    shutil.copytree(tiny_build, copy)
+    cfg = tiny_recipe()
+    teachers = (cfg.teachers[0], TeacherRecipe(**{**cfg.teachers[1].__dict__, "steps": 4}))
+    messages: list[str] = []
+    m = build(RecipeConfig(**{**cfg.__dict__, "teachers": teachers}), copy, log=messages.append)
+    ran = [msg[3:].rsplit(": ", 1)[0] for msg in messages if msg.endswith(": running")]
+    assert ran == ["teacher:large", "eval:teacher-large"]
+    assert m["teachers"]["large"]["steps"] == 4
+
+
+# -- dataset ------------------------------------------------------------------------------------
+
+def test_ensure_dataset_builds_once_and_reuses(tiny_build: Path, tmp_path: Path):
+    first = mt_mini.ensure_dataset(tmp_path, episodes_per_task=2, progress=False, directory=tiny_build)
+    store = EpisodeStore(first)
+    assert store.num_episodes == 2 * len(TINY_TASKS)
+    assert store.tasks == list(TINY_TASKS) and store.episode_length == 11
+    assert sorted(set(store.task.tolist())) == [0, 1]
+    uid = store.uid
+    started = time.perf_counter()
+    second = mt_mini.ensure_dataset(tmp_path, episodes_per_task=2, progress=False, directory=tiny_build)
+    assert time.perf_counter() - started < 2
+    assert second == first and EpisodeStore(second).uid == uid
+
+
+def test_dataset_cache_root_follows_env(monkeypatch, tmp_path: Path):
+    from agent.benchmarks.dataset import default_cache_root
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    assert default_cache_root() == tmp_path / "mt-mini"
+    monkeypatch.delenv("DISTILL_CACHE")
+    assert default_cache_root() == Path.home() / ".cache" / "distill-sweeps" / "mt-mini"
+
+
+# -- reproduction -------------------------------------------------------------------------------
+
+def test_verify_step_reproduces_a_tiny_build_score(tiny_build: Path):
+    result = mt_mini.verify_step("eval:teacher-large", tiny_build, log=lambda msg: None)
+    assert result["ok"], result
+
+
+@pytest.mark.slow
+def test_shipped_teacher_reevaluation_matches_manifest():
+    torch.set_num_threads(1)
+    result = mt_mini.verify_step("eval:teacher-large", log=lambda msg: None)
+    assert result["ok"], result

@@ -160,7 +160,7 @@ def load_world_model(path: str | os.PathLike, device: str | torch.device = "cpu"
             cfg = ModelConfig.from_dict(obj["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: bad model config ({exc})") from None
-        sd = {k: _as_float(v) for k, v in obj["model"].items()}
+        sd = {k: _as_float(v) for k, v in dequantize_entries(obj["model"], obj.get("quant"), where).items()}
     else:
         raw = obj.get("model", obj)
         if not isinstance(raw, dict):
@@ -169,6 +169,28 @@ def load_world_model(path: str | os.PathLike, device: str | torch.device = "cpu"
         cfg = infer_config(sd, where)
     model = _load_into(WorldModel(cfg), sd, where)
     return model.to(device).eval()
+
+
+# -- quantized files of our format (agent.quantize) -----------------------------------------------
+
+def dequantize_entries(state_dict: dict[str, torch.Tensor], quant: dict[str, Any] | None,
+                       where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Our format's per-channel int8 entries -> float32: values (int8, (..., out, in)) times
+    quant["scales"][key] ((..., out)). Other tensors are returned as stored (qint8 / fp16 / bf16 are
+    handled by `_as_float`). A plain int8 tensor without a scale is an error, never loaded raw."""
+    scales = (quant or {}).get("scales") or {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in scales:
+            out[key] = value.float() * scales[key].float().unsqueeze(-1)
+        elif isinstance(value, torch.Tensor) and value.dtype == torch.int8:
+            raise CheckpointError(f"{where}: {key} is stored as int8 without a quantization scale")
+        else:
+            out[key] = value
+    unknown = sorted(set(scales) - set(state_dict))
+    if unknown:
+        raise CheckpointError(f"{where}: quantization scales for unknown tensors, e.g. {unknown[0]}")
+    return out
 
 
 def checkpoint_payload(model: WorldModel, state_dict: dict[str, torch.Tensor] | None = None, **extra: Any) -> dict[str, Any]:

@@ -144,3 +144,159 @@ def discount_for(episode_length: int, denom: float = 5.0, lo: float = 0.95, hi: 
     """Official heuristic: (frac - 1) / frac with frac = episode_length / denom, clamped to [lo, hi]."""
     frac = episode_length / denom
     return min(max((frac - 1) / frac, lo), hi)
+
+
+# -- training, distillation and quantization settings -----------------------------------------
+
+DISTILL_TARGETS: tuple[str, ...] = (
+    "reward",            # the paper: teacher vs student decoded reward at (obs[0], action[0])
+    "reward_multistep",  # every horizon step: student latent rollout vs teacher latent rollout, rho-weighted
+    "reward_observed",   # every horizon step: student rollout vs teacher encoding the observed obs[h] (cacheable)
+    "latent_linear",     # teacher latents -> student latent size by a learned linear projection
+    "latent_pca",        # teacher latents -> top-k principal components (k = student latent dim)
+    "value",             # teacher Q (mean over its heads) vs student Q at (obs[0], action[0])
+    "policy",            # teacher vs student policy mean (trained through the policy update)
+)
+QUANT_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8_naive", "int8", "mixed")
+
+
+@dataclass
+class LossConfig:
+    """Official TD-MPC2 loss settings (coefficients weight the terms of `agent.losses.loss_terms`)."""
+
+    consistency_coef: float = 20.0
+    reward_coef: float = 0.1
+    value_coef: float = 0.1
+    rho: float = 0.5
+    entropy_coef: float = 1e-4
+    # policy-loss entropy bonus: "upstream" (scaled entropy, current TD-MPC2) or "td_mpc_opt"
+    # (the paper's code: entropy_coef * log_pi with its Gaussian log-prob formula)
+    policy_entropy: str = "upstream"
+    episode_length: int = 500  # agent steps; the per-task discount heuristic's input for non-MT30 tasks
+    discount_denom: float = 5.0
+    discount_min: float = 0.95
+    discount_max: float = 0.995
+
+    def validate(self) -> "LossConfig":
+        if not 0 < self.rho <= 1:
+            raise ConfigError(f"loss: rho must lie in (0, 1], got {self.rho}")
+        if min(self.consistency_coef, self.reward_coef, self.value_coef, self.entropy_coef) < 0:
+            raise ConfigError("loss: coefficients must be >= 0")
+        if self.policy_entropy not in ("upstream", "td_mpc_opt"):
+            raise ConfigError(f"loss: policy_entropy must be 'upstream' or 'td_mpc_opt', got {self.policy_entropy!r}")
+        if self.episode_length < 2:
+            raise ConfigError(f"loss: episode_length must be >= 2, got {self.episode_length}")
+        return self
+
+
+@dataclass
+class DistillConfig:
+    """What the student learns from a teacher. d_coef 0.45 is TD-MPC-Opt's hard-coded alpha.
+    `target` None disables distillation even when a teacher is given."""
+
+    target: str | None = "reward"
+    d_coef: float = 0.45
+    pca_fit_rows: int = 65536  # store entries the live PCA basis is fitted on (latent_pca)
+    pca_seed: int = 0
+
+    def validate(self) -> "DistillConfig":
+        if self.target is not None and self.target not in DISTILL_TARGETS:
+            raise ConfigError(f"distill: unknown target {self.target!r}; known: {', '.join(DISTILL_TARGETS)}")
+        if self.d_coef < 0:
+            raise ConfigError(f"distill: d_coef must be >= 0, got {self.d_coef}")
+        if self.pca_fit_rows < 2:
+            raise ConfigError("distill: pca_fit_rows must be >= 2")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """Offline/online update settings (official defaults: Adam lr 3e-4, encoder lr x 0.3, policy
+    Adam eps 1e-5, grad clip 20, Polyak tau 0.01 also used by the policy's RunningScale)."""
+
+    batch_size: int = 256
+    horizon: int = 3
+    lr: float = 3e-4
+    enc_lr_scale: float = 0.3
+    pi_adam_eps: float = 1e-5
+    grad_clip_norm: float = 20.0
+    tau: float = 0.01
+    seed: int = 1
+    flush_denormal: bool = True  # SimNorm yields float32 denormals, which are very slow on x86
+    fast_kernels: bool = True    # agent.train_kernels (False: the model's own methods, reference path)
+    fused_adam: bool = True      # torch's fused Adam kernel (False: the per-op reference implementation)
+    compile_mish: bool = True    # fuse Mish with torch.compile (falls back to eager if unavailable)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> "TrainConfig":
+        if self.batch_size < 1 or self.horizon < 1:
+            raise ConfigError("train: batch_size and horizon must be >= 1")
+        if self.lr <= 0 or self.enc_lr_scale < 0 or self.pi_adam_eps <= 0 or self.grad_clip_norm <= 0:
+            raise ConfigError("train: lr, pi_adam_eps and grad_clip_norm must be > 0 and enc_lr_scale >= 0")
+        if not 0 <= self.tau <= 1:
+            raise ConfigError(f"train: tau must lie in [0, 1], got {self.tau}")
+        self.loss.validate()
+        self.distill.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        values = dict(values)
+        nested = {"loss": LossConfig, "distill": DistillConfig}
+        try:
+            for name, kind in nested.items():
+                if isinstance(values.get(name), dict):
+                    values[name] = kind(**values[name])
+            return cls(**values).validate()
+        except TypeError as exc:
+            raise ConfigError(f"train config: {exc}") from None
+
+
+@dataclass
+class OnlineConfig:
+    """Online data collection around the offline update (upstream online trainer semantics):
+    `seed_steps` environment steps with uniform random actions, then MPPI planning; one update per
+    environment step after seeding, and `seed_steps` updates at the moment seeding ends.
+    `num_envs` environments run in lockstep, cycling through the task list."""
+
+    steps: int = 100_000        # environment steps in total (over all environments)
+    seed_steps: int = 2500      # upstream: max(1000, 5 * episode_length)
+    num_envs: int = 1
+    episode_length: int = 500   # agent steps per episode (the store holds episode_length + 1 entries)
+    updates_per_step: float = 1.0
+    env_seed: int = 1
+    capacity_episodes: int = 10_000
+    planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for acting
+
+    def validate(self) -> "OnlineConfig":
+        if self.steps < 1 or self.seed_steps < 0 or self.num_envs < 1:
+            raise ConfigError("online: steps >= 1, seed_steps >= 0 and num_envs >= 1 required")
+        if self.episode_length < 2:
+            raise ConfigError(f"online: episode_length must be >= 2, got {self.episode_length}")
+        if self.updates_per_step < 0:
+            raise ConfigError("online: updates_per_step must be >= 0")
+        if self.capacity_episodes < 1:
+            raise ConfigError("online: capacity_episodes must be >= 1")
+        PlannerConfig().override(**self.planner)
+        return self
+
+
+@dataclass
+class QuantConfig:
+    """Post-training quantization. `int8` quantizes every 2-D/3-D weight per output channel
+    (symmetric, scale = max|w| / 127 per row / per head row); other float tensors (biases,
+    LayerNorm, task embedding, masks) are stored as `int8_other_dtype`."""
+
+    mode: str = "fp16"
+    int8_other_dtype: str = "float32"  # "float32" or "float16"
+
+    def validate(self) -> "QuantConfig":
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(f"quantize: unknown mode {self.mode!r}; known: {', '.join(QUANT_MODES)}")
+        if self.int8_other_dtype not in ("float32", "float16"):
+            raise ConfigError(f"quantize: int8_other_dtype must be float32 or float16, got {self.int8_other_dtype!r}")
+        return self

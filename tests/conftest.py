@@ -7,6 +7,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MUJOCO_GL", "disable")
+# One intra-op thread: on a 2-core machine that is busy with anything else, two OpenMP threads
+# spin-wait for each other and small ops slow down by 10-100x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 _REPO = Path(__file__).resolve().parents[1]
 

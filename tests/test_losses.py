@@ -16,15 +16,6 @@ from agent.train_kernels import BatchKernels, ModelHeads
 from agent.world_model import WorldModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is faster, and immune to OpenMP spin-waits on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 FIXTURE_TERMS = {"consistency": "stat_consistency_loss", "reward": "stat_reward_loss", "value": "stat_value_loss",
                  "distill": "stat_reward_distill_loss"}
 

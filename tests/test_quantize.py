@@ -14,15 +14,6 @@ from agent.quantize import quantize_file, quantize_model, quantize_state_dict
 from agent.world_model import WorldModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is faster, and immune to OpenMP spin-waits on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 STUDENT = "published/mt30_1M_steps_045dist_fp16.pt"
 _NAMES = ("weight", "bias", "ln_weight", "ln_bias")
 

@@ -260,8 +260,10 @@ class TrainConfig:
 class OnlineConfig:
     """Online data collection around the offline update (upstream online trainer semantics):
     `seed_steps` environment steps with uniform random actions, then MPPI planning; one update per
-    environment step after seeding, and `seed_steps` updates at the moment seeding ends.
-    `num_envs` environments run in lockstep, cycling through the task list."""
+    environment step after seeding, and `seed_steps` updates at the episode end where seeding is over.
+    `num_envs` environments run in lockstep, cycling through the task list; episode k (over all
+    environments) runs in a fresh environment seeded env_seed + k. With `checkpoint_dir` the loop
+    saves its state there at every episode end and resumes from it (see `agent.online`)."""
 
     steps: int = 100_000        # environment steps in total (over all environments)
     seed_steps: int = 2500      # upstream: max(1000, 5 * episode_length)
@@ -271,6 +273,7 @@ class OnlineConfig:
     env_seed: int = 1
     capacity_episodes: int = 10_000
     planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for acting
+    checkpoint_dir: str | None = None  # save at episode ends / resume from here
 
     def validate(self) -> "OnlineConfig":
         if self.steps < 1 or self.seed_steps < 0 or self.num_envs < 1:

@@ -46,6 +46,26 @@ class Agent:
         self._prev_mean = None
         self._streams = None
 
+    def rng_state(self) -> dict[str, Any]:
+        """The planner's random streams (tensors and lists only), for exact resumption."""
+        return {"streams": None if self._streams is None else [g.get_state() for g in self._streams],
+                "env_keys": self._env_keys,
+                "head": None if self._head_stream is None else self._head_stream.get_state()}
+
+    def load_rng_state(self, state: dict[str, Any]) -> None:
+        """Restore what `rng_state` returned (warm starts are not part of it)."""
+
+        def generator(saved: torch.Tensor, device) -> torch.Generator:
+            g = torch.Generator(device=device)
+            g.set_state(saved)
+            return g
+
+        self._env_keys = state.get("env_keys")
+        streams = state.get("streams")
+        self._streams = None if streams is None else [generator(s, self.device) for s in streams]
+        head = state.get("head")
+        self._head_stream = None if head is None else generator(head, "cpu")
+
     def _q_heads(self, device: torch.device) -> torch.Tensor:
         """Two distinct Q-head indices from the agent's own stream (never torch's global one)."""
         if self._head_stream is None:

@@ -19,15 +19,6 @@ from agent.train import Trainer, offline_trainer, read_trainer_model
 from agent.world_model import WorldModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is faster, and immune to OpenMP spin-waits on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TASKS = ["cartpole-balance", "reacher-easy", "cup-catch"]
 
 
@@ -247,6 +238,29 @@ def test_online_loop_with_a_real_environment():
                        planner=dict(iterations=1, num_samples=16, num_elites=4, num_pi_trajs=2))
     summary = OnlineLoop(trainer, ["cartpole-balance"], cfg).run()
     assert summary["episodes"] == 2 and trainer.step == 5 + 5 and summary["mean_return"] > 0
+
+
+def test_resumed_online_run_equals_an_uninterrupted_one(tmp_path):
+    """Stop after 2 of 4 episodes (past pretraining), resume in a fresh loop: same data, returns, weights."""
+    def online(steps: int, checkpoint_dir=None) -> OnlineLoop:
+        trainer = Trainer(_small(0, tasks=["cartpole-balance"], task_dim=0), TrainConfig(batch_size=8, seed=3))
+        cfg = OnlineConfig(steps=steps, seed_steps=20, episode_length=20, updates_per_step=0.5, env_seed=5,
+                           checkpoint_dir=checkpoint_dir,
+                           planner=dict(iterations=1, num_samples=16, num_elites=4, num_pi_trajs=2))
+        loop = OnlineLoop(trainer, ["cartpole-balance"], cfg)
+        loop.run()
+        return loop
+
+    straight = online(80)
+    assert not online(40, str(tmp_path)).resumed
+    resumed = online(80, str(tmp_path))
+    assert resumed.resumed and resumed.episodes == straight.episodes == 4
+    assert resumed.trainer.step == straight.trainer.step == 20 + 30
+    assert resumed.episode_returns == straight.episode_returns
+    for name in ("obs", "action", "reward", "task"):
+        np.testing.assert_array_equal(getattr(resumed.buffer, name), getattr(straight.buffer, name), err_msg=name)
+    for key, value in straight.trainer.model.state_dict().items():
+        assert torch.equal(resumed.trainer.model.state_dict()[key], value), key
 
 
 def test_store_task_ids_are_translated_to_the_model_task_list(tmp_path):

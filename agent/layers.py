@@ -21,8 +21,17 @@ class SimNorm(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        return F.softmax(x.view(*shape[:-1], -1, self.group), dim=-1).view(shape)
+        return simnorm(x, self.group)
+
+
+def simnorm(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Softmax within consecutive groups of `group` features of the last dim.
+
+    Computed with the groups laid across the fast axis, (..., group, n_groups): torch's softmax
+    over a tiny innermost dim (8) is ~5x slower than over a strided dim of the same size."""
+    shape = x.shape
+    across = x.reshape(-1, shape[-1] // group, group).transpose(1, 2).contiguous()
+    return F.softmax(across, dim=1).transpose(1, 2).reshape(shape)
 
 
 class NormedLinear(nn.Linear):

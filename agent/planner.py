@@ -33,7 +33,7 @@ class Agent:
         self.discount = discount_for(self.cfg.episode_length, self.cfg.discount_denom, self.cfg.discount_min,
                                      self.cfg.discount_max)
         self._prev_mean: torch.Tensor | None = None  # (E, horizon, action_dim)
-        self.chunk_rows = 2048  # rows per value-estimation chunk (whole environments)
+        self.chunk_rows = 512  # rows per value-estimation chunk (whole environments; cache-sized)
         self.seed = seed
         self._env_keys: list[int] | None = None
         self._streams: list[torch.Generator] | None = None

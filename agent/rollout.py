@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from agent import math as tdmath
+from agent.layers import simnorm
 from agent.world_model import WorldModel
 
 
@@ -32,11 +33,6 @@ def _hidden(x: torch.Tensor, layer) -> torch.Tensor:
 
 def _linear_hidden(x: torch.Tensor, layer) -> torch.Tensor:
     return _hidden(F.linear(x, layer.weight, layer.bias), layer)
-
-
-def _simnorm(x: torch.Tensor, group: int) -> torch.Tensor:
-    shape = x.shape
-    return F.softmax(x.view(*shape[:-1], -1, group), dim=-1).view(shape)
 
 
 class PlanningKernels:
@@ -64,10 +60,10 @@ class PlanningKernels:
             return w_z, w_a, const
 
         rew0, dyn0 = model._reward[0], model._dynamics[0]
-        w = torch.cat([rew0.weight, dyn0.weight], 0)
-        b = torch.cat([rew0.bias, dyn0.bias], 0)
-        w_z, w_a, self.step_const = split(w, b, True)
-        self.step_w = torch.cat([w_z, w_a], 1).T.contiguous()  # (L + A, 2 * mlp)
+        w_z, w_a, self.reward_const = split(rew0.weight, rew0.bias, True)
+        self.reward_w = torch.cat([w_z, w_a], 1).T.contiguous()  # (L + A, mlp)
+        w_z, w_a, self.next_const = split(dyn0.weight, dyn0.bias, True)
+        self.next_w = torch.cat([w_z, w_a], 1).T.contiguous()
         self.pi_w, _, self.pi_const = split(model._pi[0].weight, model._pi[0].bias, False)
         self.pi_w = self.pi_w.T.contiguous()
         q0 = model._Qs.layers[0]
@@ -88,13 +84,13 @@ class PlanningKernels:
     def step(self, z: torch.Tensor, a: torch.Tensor, envs: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """z: (N, L), a: (N, A) for the environments `envs` -> (reward value (N, 1), next z (N, L))."""
         m = self.model
-        h = self._add_const(torch.cat([z, a], -1) @ self.step_w, self.step_const, envs)
-        h_r, h_d = h.split(self.cfg.mlp_dim, dim=-1)
-        h_r, h_d = _hidden(h_r, m._reward[0]), _hidden(h_d, m._dynamics[0])
+        za = torch.cat([z, a], -1)
+        h_r = _hidden(self._add_const(za @ self.reward_w, self.reward_const, envs), m._reward[0])
+        h_d = _hidden(self._add_const(za @ self.next_w, self.next_const, envs), m._dynamics[0])
         h_r, h_d = _linear_hidden(h_r, m._reward[1]), _linear_hidden(h_d, m._dynamics[1])
         reward = tdmath.two_hot_inv(m._reward[2](h_r), self.cfg.vmin, self.cfg.vmax)
         last = m._dynamics[2]
-        z_next = _simnorm(F.layer_norm(F.linear(h_d, last.weight, last.bias), (last.out_features,), last.ln.weight,
+        z_next = simnorm(F.layer_norm(F.linear(h_d, last.weight, last.bias), (last.out_features,), last.ln.weight,
                                        last.ln.bias), self.cfg.simnorm_dim)
         return reward, z_next
 
@@ -118,14 +114,15 @@ class PlanningKernels:
         if heads is None:
             heads = torch.randperm(cfg.num_q, device=z.device)[:2]
         width = cfg.mlp_dim
-        w = self.q_w.view(-1, cfg.num_q, width)[:, heads].transpose(0, 1)  # (2, L + A, mlp)
-        const = self.q_const.view(self.E, cfg.num_q, width)[envs][:, heads]  # (e, 2, mlp)
-        h = torch.matmul(torch.cat([z, a], -1), w)  # (2, N, mlp), contiguous per head
-        h.view(2, const.shape[0], -1, width).add_(const.transpose(0, 1).unsqueeze(2))
-        first = layers[0]
-        h = fast_mish(torch.addcmul(first.ln_bias[heads].unsqueeze(1), F.layer_norm(h, (width,)), first.ln_weight[heads].unsqueeze(1)))
-        for layer in layers[1:]:
-            h = torch.baddbmm(layer.bias[heads].unsqueeze(1), h, layer.weight[heads].transpose(1, 2))
-            if layer.normed:
-                h = fast_mish(torch.addcmul(layer.ln_bias[heads].unsqueeze(1), F.layer_norm(h, (width,)), layer.ln_weight[heads].unsqueeze(1)))
-        return tdmath.two_hot_inv(h, cfg.vmin, cfg.vmax).mean(0)
+        za = torch.cat([z, a], -1)
+        values = 0.0
+        for head in heads.tolist():  # one head at a time: 2-D GEMMs, activations stay in cache
+            h = self._add_const(za @ self.q_w[:, head * width:(head + 1) * width],
+                                self.q_const[:, head * width:(head + 1) * width], envs)
+            for i, layer in enumerate(layers):
+                if i > 0:
+                    h = torch.addmm(layer.bias[head], h, layer.weight[head].T)
+                if layer.normed:
+                    h = fast_mish(F.layer_norm(h, (h.shape[-1],), layer.ln_weight[head], layer.ln_bias[head]))
+            values = values + tdmath.two_hot_inv(h, cfg.vmin, cfg.vmax)
+        return values / 2

@@ -11,6 +11,7 @@ import torch
 
 from agent.config import PlannerConfig, discount_for
 from agent.rollout import PlanningKernels
+from agent.runtime import keep_freed_memory
 from agent.world_model import WorldModel
 
 
@@ -28,6 +29,7 @@ class Agent:
     """
 
     def __init__(self, model: WorldModel, seed: int | None = None, **overrides: Any):
+        keep_freed_memory()
         self.model = model
         self.cfg = PlannerConfig().override(**overrides)
         self.discount = discount_for(self.cfg.episode_length, self.cfg.discount_denom, self.cfg.discount_min,

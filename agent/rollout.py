@@ -19,11 +19,12 @@ from agent.world_model import WorldModel
 
 
 def fast_mish(x: torch.Tensor) -> torch.Tensor:
-    """Mish for inference, x * tanh(softplus(x)) = x - 2x / (n + 2) with n = e^x (e^x + 2):
-    one exp instead of exp + log1p + tanh, and no clamp (n = inf gives exactly x). x is overwritten."""
-    n = torch.exp(x)
-    n.mul_(n + 2.0).add_(2.0).reciprocal_()
-    return x.addcmul_(x, n, value=-2.0)
+    """Mish for inference: x * tanh(softplus(x)) = x - 2x / ((e^x + 1)^2 + 1).
+
+    One exp instead of exp + log1p + tanh, one temporary, no clamp (e^x = inf gives exactly x).
+    x is overwritten."""
+    r = torch.exp(x).add_(1.0).square_().add_(1.0).reciprocal_()
+    return x.addcmul_(x, r, value=-2.0)
 
 
 def _hidden(x: torch.Tensor, layer) -> torch.Tensor:

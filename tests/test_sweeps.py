@@ -120,3 +120,17 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
         assert len(nodes) == 2
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_optuna_search_with_asha_runs_the_declared_space(tmp_path):
+    out = tmp_path / "search"
+    result = _run("--search", "optuna", "--num-samples", "3", "--preset", "smoke", "--out", str(out),
+                  "--set", 'quant_modes=["fp32"]')
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(out)
+    trials = {r["trial_id"] for r in rows}
+    assert len(trials) == 3
+    assert all(0.0 <= r["config"]["d_coef"] <= 1.0 and r["config"]["batch_size"] in (128, 256, 512, 1024) for r in rows)
+    assert len({r["config"]["d_coef"] for r in rows}) == 3  # sampled, not the grid
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["grid"] == "search" and meta["swept"] == ["d_coef", "batch_size", "lr"]

@@ -26,6 +26,17 @@ MAX_LEGEND_ENTRIES = 12
 MAX_ANNOTATED_CELLS = 300
 
 
+def _finish(figure: Figure, axes, xlabel: str, ylabel: str, title: str, legend: bool = False) -> None:
+    """Labels, title, grid (and legend) shared by the line plots."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    if legend:
+        axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+
+
 def key_label(key: str) -> str:
     return KEY_LABELS.get(key, key)
 
@@ -60,12 +71,7 @@ def ablation_figure(table: Table) -> Figure:
     paper = rows["paper"].to_numpy(dtype=float)
     if np.isfinite(paper).any():
         axes.scatter(x, paper, marker="x", color="tab:red", zorder=3, label=PAPER_LABEL)
-    axes.set_xlabel(key_label(key))
-    axes.set_ylabel(SCORE_LABEL)
-    axes.set_title(f"Normalized score vs {key}")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
+    _finish(figure, axes, key_label(key), SCORE_LABEL, f"Normalized score vs {key}", legend=True)
     return figure
 
 
@@ -80,11 +86,7 @@ def learning_curves_figure(curves: pd.DataFrame) -> Figure:
         axes.text(0.5, 0.5, "no successful train evaluations", ha="center", va="center", transform=axes.transAxes)
     elif curves["setting"].nunique() <= MAX_LEGEND_ENTRIES:
         axes.legend(fontsize="small")
-    axes.set_xlabel(STEPS_LABEL)
-    axes.set_ylabel(SCORE_LABEL)
-    axes.set_title("Learning curves (mean over seeds, 95% CI)")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
+    _finish(figure, axes, STEPS_LABEL, SCORE_LABEL, "Learning curves (mean over seeds, 95% CI)")
     return figure
 
 
@@ -104,12 +106,7 @@ def batch_steps_figure(summaries: pd.DataFrame, reference: dict[str, object]) ->
         line = rows[rows[batch] == size].sort_values(steps)
         axes.errorbar(line[steps], line["score"], yerr=_yerr(line), marker="o", capsize=4,
                       label=f"batch size {format_value(size)}")
-    axes.set_xlabel(STEPS_LABEL)
-    axes.set_ylabel(SCORE_LABEL)
-    axes.set_title("Batch size × training steps")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
+    _finish(figure, axes, STEPS_LABEL, SCORE_LABEL, "Batch size × training steps", legend=True)
     return figure
 
 
@@ -128,12 +125,7 @@ def quant_size_figure(table: Table) -> Figure | None:
     if np.isfinite(paper).any():
         axes.scatter(rows["size_mib"], paper, marker="x", color="tab:red", zorder=3,
                      label=f"{PAPER_LABEL}, at our size")
-    axes.set_xlabel(SIZE_LABEL)
-    axes.set_ylabel(SCORE_LABEL)
-    axes.set_title("Score vs model size per precision (final evaluation)")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
+    _finish(figure, axes, SIZE_LABEL, SCORE_LABEL, "Score vs model size per precision (final evaluation)", legend=True)
     return figure
 
 

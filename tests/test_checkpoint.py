@@ -3,11 +3,10 @@ import pickle
 
 import pytest
 import torch
+from helpers import small_model
 
 from agent.checkpoint import load_world_model, save_world_model
-from agent.config import model_config
 from agent.errors import CheckpointError
-from agent.world_model import WorldModel
 
 
 class Rogue:
@@ -15,12 +14,7 @@ class Rogue:
 
 
 def _small_model(seed=0, **dims):
-    torch.manual_seed(seed)
-    model = WorldModel(model_config(None, **{**dict(enc_dim=32, mlp_dim=48, latent_dim=16, task_dim=8, num_q=3), **dims}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return small_model(seed, **dims)
 
 
 def test_own_format_round_trips_exactly(tmp_path):

@@ -5,10 +5,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import small_model
 
 from agent.batches import StoreBatches
 from agent.checkpoint import load_world_model, save_world_model
-from agent.config import DISTILL_TARGETS, LossConfig, model_config
+from agent.config import DISTILL_TARGETS, LossConfig
 from agent.distill import LatentProjection, PcaProjection, TeacherTargets
 from agent.losses import TrainBatch, compute_losses, loss_terms, td_targets, task_discounts
 from agent.tasksets import MT30
@@ -28,12 +29,7 @@ def _no_dropout(model: WorldModel) -> WorldModel:
 
 
 def _small(seed: int, **dims) -> WorldModel:
-    torch.manual_seed(seed)
-    model = WorldModel(model_config(None, **{**dict(enc_dim=32, mlp_dim=48, latent_dim=16, task_dim=8, num_q=2), **dims}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return small_model(seed, **{"num_q": 2, **dims})
 
 
 def _teacher(seed: int = 7) -> WorldModel:

@@ -2,8 +2,9 @@
 action sequences under the model, masks/warm starts/seeding behave as specified."""
 import pytest
 import torch
+from helpers import small_model
 
-from agent import Agent, WorldModel, model_config
+from agent import Agent, model_config
 from agent import math as tdmath
 from agent.checkpoint import load_world_model
 from agent.flops import planning_flops
@@ -11,13 +12,7 @@ from agent.rollout import PlanningKernels
 
 
 def _random_model(seed=0, **dims):
-    torch.manual_seed(seed)
-    dims = {**dict(enc_dim=32, mlp_dim=48, latent_dim=16, task_dim=8, num_q=4), **dims}
-    model = WorldModel(model_config(None, **dims))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model.eval()
+    return small_model(seed, noise=0.3, **{"num_q": 4, **dims}).eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import small_model
 
 from agent.checkpoint import CheckpointError, checkpoint_payload, atomic_torch_save, load_world_model, save_world_model
 from agent.config import QUANT_MODES, model_config
@@ -19,12 +20,7 @@ _NAMES = ("weight", "bias", "ln_weight", "ln_bias")
 
 
 def _small(seed=0, **dims) -> WorldModel:
-    torch.manual_seed(seed)
-    model = WorldModel(model_config(None, **{**dict(enc_dim=32, mlp_dim=48, latent_dim=16, task_dim=8, num_q=3), **dims}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return small_model(seed, **dims).eval()
 
 
 def _published_to_ours(key: str) -> str:

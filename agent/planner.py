@@ -5,6 +5,7 @@ One `act` call plans for E environments of any mix of tasks. Per-environment war
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,7 +36,12 @@ class Agent:
         self.discount = discount_for(self.cfg.episode_length, self.cfg.discount_denom, self.cfg.discount_min,
                                      self.cfg.discount_max)
         self._prev_mean: torch.Tensor | None = None  # (E, horizon, action_dim)
-        self.chunk_rows = 512  # rows per value-estimation chunk (whole environments; cache-sized)
+        # rows per value-estimation chunk (at most; fewer when that leaves a worker idle). With the
+        # fused epilogues, larger GEMMs beat keeping activations in L2.
+        self.chunk_rows = 2048
+        # value-estimation chunks run on this many threads, each with single-threaded torch ops
+        # (small GEMMs scale poorly across cores; independent chunks scale well). None: torch's thread count.
+        self.workers: int | None = None
         self.seed = seed
         self._env_keys: list[int] | None = None
         self._streams: list[torch.Generator] | None = None
@@ -190,19 +196,67 @@ class Agent:
         """z: (E * S, L), actions: (H, E * S, A) -> discounted return + terminal value (E * S, 1);
         terminal_eps: (E * S, A) policy noise of the terminal action (drawn if None).
 
-        Rows are processed in chunks of whole environments so that activations stay in cache."""
+        Rows are processed in cache-sized chunks (`row_chunks`)."""
         samples = self.cfg.num_samples
         heads = self._q_heads(z.device)
-        envs_per_chunk = max(1, self.chunk_rows // samples)
         out = torch.empty(z.shape[0], 1, device=z.device)
-        for first in range(0, z.shape[0] // samples, envs_per_chunk):
-            envs = slice(first, min(first + envs_per_chunk, nets.E))
-            rows = slice(envs.start * samples, envs.stop * samples)
-            z_chunk, ret, discount = z[rows], 0.0, 1.0
-            for t in range(actions.shape[0]):
-                reward, z_chunk = nets.step(z_chunk, actions[t, rows], envs)
-                ret = ret + discount * reward
-                discount *= self.discount
-            eps = None if terminal_eps is None else terminal_eps[rows]
-            out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs, eps=eps), envs, heads)
+
+        def run(chunks: list[tuple[slice, slice]]) -> None:
+            for rows, envs in chunks:
+                z_chunk, ret, discount = z[rows], 0.0, 1.0
+                for t in range(actions.shape[0]):
+                    reward, z_chunk = nets.step(z_chunk, actions[t, rows], envs)
+                    ret = ret + discount * reward
+                    discount *= self.discount
+                eps = None if terminal_eps is None else terminal_eps[rows]
+                out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs, eps=eps), envs, heads)
+
+        workers = max(1, self.workers or torch.get_num_threads()) if z.device.type == "cpu" else 1
+        chunk_rows = max(1, min(self.chunk_rows, -(-z.shape[0] // workers)))
+        chunks = row_chunks(nets.E, samples, chunk_rows)
+        workers = min(workers, len(chunks))
+        if workers <= 1:
+            run(chunks)
+        else:
+            _run_threaded(run, [chunks[i::workers] for i in range(workers)])
         return out
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _run_threaded(fn, parts: list[list]) -> None:
+    """fn(part) for every part on a shared thread pool, torch single-threaded inside each worker
+    (chunks write disjoint rows; every random draw happened before, so results do not depend on
+    the split)."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(parts):
+        _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="planner")
+    saved_threads = torch.get_num_threads()
+
+    def work(part: list) -> None:
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)  # per-thread FPU state
+        with torch.inference_mode():
+            fn(part)
+
+    torch.set_num_threads(1)
+    try:
+        for future in [_POOL.submit(work, part) for part in parts]:
+            future.result()
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def row_chunks(num_envs: int, rows_per_env: int, chunk_rows: int) -> list[tuple[slice, slice]]:
+    """Split E * R environment-major rows into chunks of about `chunk_rows`: (rows, envs) pairs where
+    `envs` are the environments the rows belong to (whole environments, or one environment cut
+    into equal pieces when R > chunk_rows)."""
+    if rows_per_env <= chunk_rows:
+        per_chunk = max(1, chunk_rows // rows_per_env)
+        return [(slice(first * rows_per_env, min(first + per_chunk, num_envs) * rows_per_env),
+                 slice(first, min(first + per_chunk, num_envs))) for first in range(0, num_envs, per_chunk)]
+    pieces = -(-rows_per_env // chunk_rows)
+    bounds = [round(i * rows_per_env / pieces) for i in range(pieces + 1)]
+    return [(slice(env * rows_per_env + lo, env * rows_per_env + hi), slice(env, env + 1))
+            for env in range(num_envs) for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -6,7 +6,10 @@ computed once per environment instead of once per sample, and the reward and dyn
 which share their input, run their first layer as one matrix product. Same function as the
 model's own heads, fewer FLOPs.
 
-Rows are laid out environment-major: a tensor of N = E * R rows holds R rows per environment.
+Rows are laid out environment-major: a tensor of N = E * R rows holds R rows per environment. A call
+for the environments `envs` gets their rows only; a chunk of rows inside one environment passes
+that single environment as `envs`. The element-wise epilogues (constant add, LayerNorm, Mish,
+SimNorm, two-hot decode) run in the fused kernels of `agent.native` when they are available.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from agent import math as tdmath
+from agent import native
 from agent.layers import simnorm
 from agent.world_model import WorldModel
 
@@ -27,13 +31,47 @@ def fast_mish(x: torch.Tensor) -> torch.Tensor:
     return x.addcmul_(x, r, value=-2.0)
 
 
-def _hidden(x: torch.Tensor, layer) -> torch.Tensor:
-    """LayerNorm + Mish of an already-linear-transformed x for a NormedLinear `layer`."""
-    return fast_mish(F.layer_norm(x, (layer.out_features,), layer.ln.weight, layer.ln.bias))
+def _hidden(x: torch.Tensor, layer, const: torch.Tensor | None = None) -> torch.Tensor:
+    """Mish(LayerNorm(x + const)) for a NormedLinear `layer`, x (N, out) its linear output (overwritten);
+    const (n, out): row i of x gets const[i // (N / n)] (per-environment constants), or None."""
+    gamma, beta = layer.ln.weight, layer.ln.bias
+    if native.usable(x, gamma, beta, *(() if const is None else (const,))):
+        return native.ln_act(x, gamma, beta, layer.ln.eps, add=const, out=x)
+    if const is not None:
+        x.view(const.shape[0], -1, x.shape[-1]).add_(const.unsqueeze(1))
+    return fast_mish(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps))
 
 
 def _linear_hidden(x: torch.Tensor, layer) -> torch.Tensor:
-    return _hidden(F.linear(x, layer.weight, layer.bias), layer)
+    # the bias joins the epilogue: addmm would first copy it into every output row
+    return _hidden(x @ layer.weight.T, layer, layer.bias.view(1, -1))
+
+
+def _decode(logits: torch.Tensor, cfg) -> torch.Tensor:
+    """Two-hot logits (N, >= num_bins; extra columns are padding) -> values (N, 1)."""
+    if native.usable(logits):
+        return native.two_hot_decode(logits, cfg.vmin, cfg.vmax, cfg.num_bins)
+    return tdmath.two_hot_inv(logits[:, :cfg.num_bins], cfg.vmin, cfg.vmax)
+
+
+def _padded_output(weight: torch.Tensor, bias: torch.Tensor, multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output layer (out, in) as (W.T (in, out_padded), bias (out_padded,)) with zero columns up
+    to a multiple of `multiple`: MKL runs 101 output columns ~1.5x slower than 112."""
+    out_features = weight.shape[0]
+    padded = -(-out_features // multiple) * multiple
+    w_t = weight.new_zeros(weight.shape[1], padded)
+    w_t[:, :out_features] = weight.T
+    b = bias.new_zeros(padded)
+    b[:out_features] = bias
+    return w_t, b
+
+
+def _ln_simnorm(x: torch.Tensor, layer, group: int) -> torch.Tensor:
+    """SimNorm(LayerNorm(x)) for the last dynamics layer; x (N, latent) its linear output (overwritten)."""
+    gamma, beta = layer.ln.weight, layer.ln.bias
+    if native.usable(x, gamma, beta):
+        return native.ln_simnorm_(x, gamma, beta, group, layer.ln.eps)
+    return simnorm(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps), group)
 
 
 class PlanningKernels:
@@ -57,7 +95,7 @@ class PlanningKernels:
                 w_e = weight[..., L:L + cfg.task_dim]
                 const = torch.einsum("et,...ot->e...o", emb, w_e) + bias
             else:
-                const = bias.expand(num_envs, *bias.shape)
+                const = bias.expand(num_envs, *bias.shape).contiguous()
             return w_z, w_a, const
 
         rew0, dyn0 = model._reward[0], model._dynamics[0]
@@ -69,14 +107,15 @@ class PlanningKernels:
         self.pi_w = self.pi_w.T.contiguous()
         q0 = model._Qs.layers[0]
         q_w = q0.weight.reshape(-1, q0.in_features)  # (num_q * mlp, in)
-        w_z, w_a, self.q_const = split(q_w, q0.bias.reshape(-1), True)
-        self.q_w = torch.cat([w_z, w_a], 1).T.contiguous()
-
-    def _add_const(self, h: torch.Tensor, const: torch.Tensor, envs: slice) -> torch.Tensor:
-        """h: (e * R, out) += const[envs] (e, out), broadcast over each environment's R rows."""
-        const = const[envs]
-        h.view(const.shape[0], -1, h.shape[-1]).add_(const.unsqueeze(1))
-        return h
+        w_z, w_a, q_const = split(q_w, q0.bias.reshape(-1), True)
+        q_w = torch.cat([w_z, w_a], 1).T  # (L + A, num_q * mlp)
+        width = cfg.mlp_dim
+        self.reward_out = _padded_output(model._reward[-1].weight, model._reward[-1].bias)
+        last_q = model._Qs.layers[-1]
+        self.q_out = [_padded_output(last_q.weight[h], last_q.bias[h]) for h in range(cfg.num_q)]
+        # per head: (first-layer weight (L + A, mlp), per-env constant (E, mlp)), both contiguous
+        self.q_first = [(q_w[:, h * width:(h + 1) * width].contiguous(), q_const[:, h * width:(h + 1) * width].contiguous())
+                        for h in range(cfg.num_q)]
 
     def encode(self, obs: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
         """obs: (E, obs_dim) -> z (E, latent) (E rows only; uses the model directly)."""
@@ -86,20 +125,19 @@ class PlanningKernels:
         """z: (N, L), a: (N, A) for the environments `envs` -> (reward value (N, 1), next z (N, L))."""
         m = self.model
         za = torch.cat([z, a], -1)
-        h_r = _hidden(self._add_const(za @ self.reward_w, self.reward_const, envs), m._reward[0])
-        h_d = _hidden(self._add_const(za @ self.next_w, self.next_const, envs), m._dynamics[0])
+        h_r = _hidden(za @ self.reward_w, m._reward[0], self.reward_const[envs])
+        h_d = _hidden(za @ self.next_w, m._dynamics[0], self.next_const[envs])
         h_r, h_d = _linear_hidden(h_r, m._reward[1]), _linear_hidden(h_d, m._dynamics[1])
-        reward = tdmath.two_hot_inv(m._reward[2](h_r), self.cfg.vmin, self.cfg.vmax)
+        reward = _decode(torch.addmm(self.reward_out[1], h_r, self.reward_out[0]), self.cfg)
         last = m._dynamics[2]
-        z_next = simnorm(F.layer_norm(F.linear(h_d, last.weight, last.bias), (last.out_features,), last.ln.weight,
-                                       last.ln.bias), self.cfg.simnorm_dim)
+        z_next = _ln_simnorm(F.linear(h_d, last.weight, last.bias), last, self.cfg.simnorm_dim)
         return reward, z_next
 
     def pi(self, z: torch.Tensor, mask: torch.Tensor | None, envs: slice = slice(None),
            eps: torch.Tensor | None = None) -> torch.Tensor:
         """z: (N, L) -> sampled squashed action (N, A); mask: (N, A) or None; eps: (N, A) noise (drawn if None)."""
         m, cfg = self.model, self.cfg
-        h = _hidden(self._add_const(z @ self.pi_w, self.pi_const, envs), m._pi[0])
+        h = _hidden(z @ self.pi_w, m._pi[0], self.pi_const[envs])
         out = m._pi[2](_linear_hidden(h, m._pi[1]))
         mean, log_std = out.chunk(2, dim=-1)
         log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (torch.tanh(log_std) + 1)
@@ -114,16 +152,29 @@ class PlanningKernels:
         cfg, layers = self.cfg, self.model._Qs.layers
         if heads is None:
             heads = torch.randperm(cfg.num_q, device=z.device)[:2]
-        width = cfg.mlp_dim
         za = torch.cat([z, a], -1)
         values = 0.0
         for head in heads.tolist():  # one head at a time: 2-D GEMMs, activations stay in cache
-            h = self._add_const(za @ self.q_w[:, head * width:(head + 1) * width],
-                                self.q_const[:, head * width:(head + 1) * width], envs)
+            w_first, const = self.q_first[head]
+            h = za @ w_first
             for i, layer in enumerate(layers):
+                if not layer.normed:  # the output layer, padded
+                    w_out, b_out = self.q_out[head]
+                    h = torch.addmm(b_out, h, w_out)
+                    continue
                 if i > 0:
-                    h = torch.addmm(layer.bias[head], h, layer.weight[head].T)
-                if layer.normed:
-                    h = fast_mish(F.layer_norm(h, (h.shape[-1],), layer.ln_weight[head], layer.ln_bias[head]))
-            values = values + tdmath.two_hot_inv(h, cfg.vmin, cfg.vmax)
+                    h, const_i = h @ layer.weight[head].T, layer.bias[head].view(1, -1)
+                else:
+                    const_i = const[envs]
+                h = _q_hidden(h, layer.ln_weight[head], layer.ln_bias[head], const_i)
+            values = values + _decode(h, cfg)
         return values / 2
+
+
+def _q_hidden(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
+    """Mish(LayerNorm(x + const)) with the affine of one Q head; see `_hidden`."""
+    if native.usable(x, gamma, beta, *(() if const is None else (const,))):
+        return native.ln_act(x, gamma, beta, add=const, out=x)
+    if const is not None:
+        x.view(const.shape[0], -1, x.shape[-1]).add_(const.unsqueeze(1))
+    return fast_mish(F.layer_norm(x, (x.shape[-1],), gamma, beta))

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from agent import native
 from agent.math import two_hot_inv
 from agent.world_model import WorldModel
 
@@ -130,13 +131,30 @@ def mish(x: torch.Tensor) -> torch.Tensor:
 
 
 def _simnorm(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Softmax within groups of `group` features, with the groups across the fast axis: torch's
+    softmax over a tiny innermost dim is several times slower (forward and backward)."""
     shape = x.shape
-    return F.softmax(x.view(*shape[:-1], -1, group), dim=-1).view(shape)
+    across = x.reshape(-1, shape[-1] // group, group).transpose(1, 2)
+    return F.softmax(across, dim=1).transpose(1, 2).reshape(shape)
+
+
+_native_hidden = True
+
+
+def use_native_kernels(enabled: bool = True) -> bool:
+    """Process-wide switch for `agent.native`'s fused LayerNorm + Mish (forward and backward) in
+    these kernels; returns whether they are in use (False where they cannot be built)."""
+    global _native_hidden
+    _native_hidden = bool(enabled) and native.available()
+    return _native_hidden
 
 
 def _hidden(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """LayerNorm + Mish of a NormedLinear's linear output (no dropout: only the Q ensemble has it)."""
-    return mish(F.layer_norm(x, (layer.out_features,), layer.ln.weight, layer.ln.bias))
+    gamma, beta = layer.ln.weight, layer.ln.bias
+    if _native_hidden and native.usable(gamma, beta) and x.dtype == torch.float32 and x.device.type == "cpu":
+        return native.layer_norm_act(x, gamma, beta, layer.ln.eps)
+    return mish(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps))
 
 
 def _tail(x: torch.Tensor, seq: nn.Sequential, simnorm: int | None) -> torch.Tensor:

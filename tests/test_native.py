@@ -1,0 +1,143 @@
+"""Fused native CPU kernels (agent/native): each equals the torch ops it replaces, forward and
+backward, including widths that are not a multiple of the vector width and extreme inputs; the
+planner gives the same actions with or without them, on one worker thread or several."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import small_model
+
+from agent import Agent, native
+from agent import math as tdmath
+from agent.layers import simnorm
+from agent.planner import row_chunks
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels cannot be built here (no C compiler?)")
+
+
+def _reference(x, gamma, beta, add=None, act=True):
+    if add is not None:
+        x = (x.view(add.shape[0], -1, x.shape[-1]) + add.unsqueeze(1)).view(x.shape)
+    y = F.layer_norm(x, (x.shape[-1],), gamma, beta)
+    return F.mish(y) if act else y
+
+
+@needs_native
+@pytest.mark.parametrize("width", [384, 37, 16, 5])
+def test_ln_act_matches_torch(width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(24, width, generator=g) * 4 + 1
+    gamma, beta = torch.randn(width, generator=g), torch.randn(width, generator=g)
+    add = torch.randn(3, width, generator=g)
+    torch.testing.assert_close(native.ln_act(x, gamma, beta), _reference(x, gamma, beta), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(native.ln_act(x, gamma, beta, add=add), _reference(x, gamma, beta, add), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(native.ln_act(x, gamma, beta, act=native.NO_ACT), _reference(x, gamma, beta, act=False),
+                               rtol=1e-5, atol=2e-6)
+    inplace = x.clone()
+    assert native.ln_act(inplace, gamma, beta, out=inplace).data_ptr() == inplace.data_ptr()
+    torch.testing.assert_close(inplace, _reference(x, gamma, beta), rtol=1e-5, atol=2e-6)
+
+
+@needs_native
+def test_ln_act_extreme_inputs_stay_exact():
+    """Mish saturates to y for large y and to ~0 for very negative y; the fused exp must neither
+    overflow nor produce NaN there."""
+    x = torch.tensor([[-1e4, -90.0, -20.0, 0.0, 20.0, 50.0, 90.0, 1e4]])
+    gamma, beta = torch.full((8,), 30.0), torch.zeros(8)
+    out = native.ln_act(x, gamma, beta)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, _reference(x, gamma, beta), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("width", [384, 37])
+def test_layer_norm_act_gradients_match_torch(width):
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 9, width, generator=g) * 3
+    gamma0, beta0 = torch.randn(width, generator=g), torch.randn(width, generator=g)
+    grad_out = torch.randn(2, 9, width, generator=g)
+    grads = []
+    for fn in (lambda x, ga, be: native.layer_norm_act(x, ga, be), lambda x, ga, be: F.mish(F.layer_norm(x, (width,), ga, be))):
+        x, gamma, beta = (t.clone().requires_grad_() for t in (x0, gamma0, beta0))
+        out = fn(x, gamma, beta)
+        out.backward(grad_out)
+        grads.append((out.detach(), x.grad, gamma.grad, beta.grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_two_hot_decode_matches_two_hot_inv_with_padding():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(50, 101, generator=g) * 5
+    expected = tdmath.two_hot_inv(logits, -10.0, 10.0)
+    torch.testing.assert_close(native.two_hot_decode(logits, -10.0, 10.0), expected, rtol=2e-5, atol=1e-5)
+    padded = torch.cat([logits, torch.full((50, 11), 1e3)], 1)  # padding columns must be ignored
+    torch.testing.assert_close(native.two_hot_decode(padded, -10.0, 10.0, bins=101), expected, rtol=2e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        native.two_hot_decode(logits, -10.0, 10.0, bins=102)
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_ln_simnorm_matches_torch(scale):
+    """scale 40: groups whose logits differ by far more than exp's range still normalise."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 128, generator=g)
+    gamma, beta = torch.randn(128, generator=g) * scale, torch.randn(128, generator=g)
+    expected = simnorm(F.layer_norm(x, (128,), gamma, beta), 8)
+    out = native.ln_simnorm_(x.clone(), gamma, beta, 8)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.view(30, 16, 8).sum(-1), torch.ones(30, 16))
+
+
+def test_row_chunks_cover_every_row_once():
+    for num_envs, rows_per_env, chunk in [(16, 512, 2048), (1, 512, 256), (3, 7, 5), (5, 100, 1000), (2, 9, 4)]:
+        covered = torch.zeros(num_envs * rows_per_env, dtype=torch.long)
+        for rows, envs in row_chunks(num_envs, rows_per_env, chunk):
+            covered[rows] += 1
+            assert rows.start // rows_per_env == envs.start and -(-rows.stop // rows_per_env) == envs.stop
+            assert rows.stop - rows.start <= max(chunk, rows_per_env)
+        assert (covered == 1).all()
+
+
+def _plan(model, workers, chunk_rows, steps=3):
+    agent = Agent(model, seed=5, iterations=3, num_samples=96, num_elites=8, num_pi_trajs=6)
+    agent.workers, agent.chunk_rows = workers, chunk_rows
+    obs = torch.randn(4, 24, generator=torch.Generator().manual_seed(0))
+    task = torch.tensor([0, 7, 16, 4])
+    return torch.stack([agent.act(obs, task, t0=step == 0) for step in range(steps)])
+
+
+@needs_native
+def test_threaded_planning_equals_single_worker():
+    model = small_model(0, noise=0.3).eval()
+    single = _plan(model, workers=1, chunk_rows=4096)
+    torch.testing.assert_close(_plan(model, workers=2, chunk_rows=50), single, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_plan(model, workers=3, chunk_rows=4096), single, rtol=0, atol=1e-5)
+
+
+def test_planning_without_native_kernels_matches(tmp_path):
+    """DISTILL_NATIVE=0 (or no compiler) falls back to torch ops with the same plans."""
+    script = (
+        "import sys, torch; sys.path.insert(0, 'tests'); from helpers import small_model; from agent import native;"
+        "from test_native import _plan; torch.save((native.available(), _plan(small_model(0, noise=0.3).eval(), 1, 4096)),"
+        f"r'{tmp_path / 'plan.pt'}')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "DISTILL_NATIVE": "0"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=root, env=env)
+    available, plans = torch.load(tmp_path / "plan.pt", weights_only=True)
+    assert available is False
+    if native.available():
+        torch.testing.assert_close(plans, _plan(small_model(0, noise=0.3).eval(), 1, 4096), rtol=0, atol=1e-4)
+
+
+def test_broken_compiler_falls_back_with_one_warning(tmp_path):
+    script = "import warnings; from agent import native; print(native.available())"
+    env = {**os.environ, "CC": "false", "DISTILL_NATIVE_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "False"
+    assert done.stderr.count("UserWarning: native CPU kernels unavailable") == 1

@@ -32,14 +32,19 @@ def fast_mish(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hidden(x: torch.Tensor, layer, const: torch.Tensor | None = None) -> torch.Tensor:
-    """Mish(LayerNorm(x + const)) for a NormedLinear `layer`, x (N, out) its linear output (overwritten);
+    """Mish(LayerNorm(x + const)) for a NormedLinear `layer`; see `_ln_mish`."""
+    return _ln_mish(x, layer.ln.weight, layer.ln.bias, const, layer.ln.eps)
+
+
+def _ln_mish(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, const: torch.Tensor | None,
+             eps: float = 1e-5) -> torch.Tensor:
+    """Mish(LayerNorm(x + const) * gamma + beta), x (N, out) a linear output (overwritten);
     const (n, out): row i of x gets const[i // (N / n)] (per-environment constants), or None."""
-    gamma, beta = layer.ln.weight, layer.ln.bias
     if native.usable(x, gamma, beta, *(() if const is None else (const,))):
-        return native.ln_act(x, gamma, beta, layer.ln.eps, add=const, out=x)
+        return native.ln_act(x, gamma, beta, eps, add=const, out=x)
     if const is not None:
         x.view(const.shape[0], -1, x.shape[-1]).add_(const.unsqueeze(1))
-    return fast_mish(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps))
+    return fast_mish(F.layer_norm(x, (x.shape[-1],), gamma, beta, eps))
 
 
 def _linear_hidden(x: torch.Tensor, layer) -> torch.Tensor:
@@ -166,15 +171,6 @@ class PlanningKernels:
                     h, const_i = h @ layer.weight[head].T, layer.bias[head].view(1, -1)
                 else:
                     const_i = const[envs]
-                h = _q_hidden(h, layer.ln_weight[head], layer.ln_bias[head], const_i)
+                h = _ln_mish(h, layer.ln_weight[head], layer.ln_bias[head], const_i)
             values = values + _decode(h, cfg)
         return values / 2
-
-
-def _q_hidden(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
-    """Mish(LayerNorm(x + const)) with the affine of one Q head; see `_hidden`."""
-    if native.usable(x, gamma, beta, *(() if const is None else (const,))):
-        return native.ln_act(x, gamma, beta, add=const, out=x)
-    if const is not None:
-        x.view(const.shape[0], -1, x.shape[-1]).add_(const.unsqueeze(1))
-    return fast_mish(F.layer_norm(x, (x.shape[-1],), gamma, beta))

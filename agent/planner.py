@@ -196,7 +196,7 @@ class Agent:
         """z: (E * S, L), actions: (H, E * S, A) -> discounted return + terminal value (E * S, 1);
         terminal_eps: (E * S, A) policy noise of the terminal action (drawn if None).
 
-        Rows are processed in cache-sized chunks (`row_chunks`)."""
+        Rows are processed in chunks (`row_chunks`) spread over `self.workers` threads."""
         samples = self.cfg.num_samples
         heads = self._q_heads(z.device)
         out = torch.empty(z.shape[0], 1, device=z.device)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from agent import native
+from agent.layers import simnorm
 from agent.math import two_hot_inv
 from agent.world_model import WorldModel
 
@@ -130,14 +131,6 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     return _eager_mish(x)
 
 
-def _simnorm(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Softmax within groups of `group` features, with the groups across the fast axis: torch's
-    softmax over a tiny innermost dim is several times slower (forward and backward)."""
-    shape = x.shape
-    across = x.reshape(-1, shape[-1] // group, group).transpose(1, 2)
-    return F.softmax(across, dim=1).transpose(1, 2).reshape(shape)
-
-
 _native_hidden = True
 
 
@@ -157,16 +150,16 @@ def _hidden(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return mish(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps))
 
 
-def _tail(x: torch.Tensor, seq: nn.Sequential, simnorm: int | None) -> torch.Tensor:
+def _tail(x: torch.Tensor, seq: nn.Sequential, simnorm_group: int | None) -> torch.Tensor:
     """Layers 1.. of an `mlp` given layer 0's linear output x."""
     x = _hidden(x, seq[0])
     for layer in seq[1:-1]:
         x = _hidden(F.linear(x, layer.weight, layer.bias), layer)
     last = seq[-1]
     x = F.linear(x, last.weight, last.bias)
-    if simnorm is None:
+    if simnorm_group is None:
         return x
-    return _simnorm(F.layer_norm(x, (last.out_features,), last.ln.weight, last.ln.bias), simnorm)
+    return simnorm(F.layer_norm(x, (last.out_features,), last.ln.weight, last.ln.bias), simnorm_group)
 
 
 class BatchKernels:

@@ -30,21 +30,24 @@ from agent.math import two_hot_inv
 from agent.world_model import WorldModel
 
 
-def sparse_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout with an exact i.i.d. Bernoulli(p) drop mask, drawn as geometric gaps
-    between dropped positions (cheap for small p): x * mask / (1 - p)."""
-    if p <= 0:
-        return x
-    n = x.numel()
+def _drop_positions(n: int, p: float) -> torch.Tensor:
+    """Positions in [0, n) of an i.i.d. Bernoulli(p) drop mask, drawn as geometric gaps between
+    dropped positions (cheap for small p)."""
     expected = n * p
     draws = int(expected + 6 * math.sqrt(expected) + 16)
     positions = torch.empty(draws, dtype=torch.float64).geometric_(p).cumsum_(0).sub_(1)
     while positions[-1] < n:  # essentially never: extend until the sequence passes the end
         more = torch.empty(draws, dtype=torch.float64).geometric_(p).cumsum_(0).add_(positions[-1])
         positions = torch.cat([positions, more])
-    positions = positions[positions < n].long().to(x.device)
-    out = x * (1.0 / (1.0 - p))  # the product keeps nothing for backward: zeroing in place is safe
-    return out.view(-1).index_fill_(0, positions, 0.0).view(x.shape)
+    return positions[positions < n].long()
+
+
+def drop_(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero the dropped units of x in place: the mask of inverted dropout without its 1 / (1 - p)
+    (the Q ensemble's fused LayerNorm applies that)."""
+    if p <= 0:
+        return x
+    return x.view(-1).index_fill_(0, _drop_positions(x.numel(), p).to(x.device), 0.0).view(x.shape)
 
 
 def _mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +153,20 @@ def _hidden(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return mish(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps))
 
 
+def _ensemble_hidden(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, scale: float = 1.0,
+                     transpose_heads: bool = False) -> torch.Tensor:
+    """Mish(LayerNorm(scale * x) * gamma[h] + beta[h]) of an ensemble layer's linear output, per head h.
+    x: (num, N, D), or (N, num, D) with `transpose_heads`; gamma, beta: (num, D). -> (num, N, D)."""
+    if _native_hidden and native.usable(gamma, beta) and x.dtype == torch.float32 and x.device.type == "cpu":
+        return native.layer_norm_act(x, gamma, beta, 1e-5, native.MISH, scale, transpose_heads)
+    if scale != 1.0:
+        x = x * scale
+    if transpose_heads:
+        x = x.transpose(0, 1)
+    shape = (gamma.shape[0],) + (1,) * (x.dim() - 2) + (gamma.shape[1],)
+    return mish(torch.addcmul(beta.view(shape), F.layer_norm(x, (x.shape[-1],)), gamma.view(shape)))
+
+
 def _tail(x: torch.Tensor, seq: nn.Sequential, simnorm_group: int | None) -> torch.Tensor:
     """Layers 1.. of an `mlp` given layer 0's linear output x."""
     x = _hidden(x, seq[0])
@@ -230,16 +247,16 @@ class BatchKernels:
         out0 = w0.shape[1]
         w0_flat = w0.reshape(num * out0, -1)
         const = self._task_const(w0_flat, b0.reshape(-1), L)   # (B, num * out0)
-        y = self._first(z, a, w0_flat, const).reshape(-1, num * out0)  # (N, num * out0), head-major columns
+        y = self._first(z, a, w0_flat, const).reshape(-1, num, out0)  # (N, num, out0)
         first = layers[0]
-        if first.dropout is not None and first.training:
-            y = sparse_dropout(y, first.dropout.p)
-        y = y.view(-1, num, out0)
-        x = mish(torch.addcmul(beta0, F.layer_norm(y, (out0,)), g0)).transpose(0, 1)   # (num, N, out0)
+        scale = 1.0
+        if first.dropout is not None and first.training:  # zero the dropped units; LayerNorm applies 1 / (1 - p)
+            y, scale = drop_(y, first.dropout.p), 1.0 / (1.0 - first.dropout.p)
+        x = _ensemble_hidden(y, g0, beta0, scale, transpose_heads=True)     # (num, N, out0)
         for layer, (w, b, g, beta) in zip(layers[1:], params[1:]):
             x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
             if layer.normed:
-                x = mish(torch.addcmul(beta.unsqueeze(1), F.layer_norm(x, (layer.out_features,)), g.unsqueeze(1)))
+                x = _ensemble_hidden(x, g, beta)
         return x.view(num, *lead, -1)
 
     def q_value(self, z: torch.Tensor, a: torch.Tensor, reduce: str, target: bool = False,

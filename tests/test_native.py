@@ -69,6 +69,67 @@ def test_layer_norm_act_gradients_match_torch(width):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+def _heads_reference(x, gamma, beta, scale, transpose_heads):
+    """Per-head Mish(LayerNorm(scale * x) * gamma[h] + beta[h]) -> (heads, N, D)."""
+    x = (x * scale).transpose(0, 1) if transpose_heads else x * scale
+    return F.mish(F.layer_norm(x, (x.shape[-1],)) * gamma.unsqueeze(1) + beta.unsqueeze(1))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("transpose_heads", [False, True])
+def test_ensemble_layer_norm_act_matches_torch(monkeypatch, threads, transpose_heads):
+    """Per-head affine, dropout scale and the (N, heads, D) -> (heads, N, D) transpose of the Q
+    ensemble, forward and backward, on one thread and split over two (per-thread affine sums)."""
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(3)
+        heads, rows, width = 3, 41, 37
+        shape = (rows, heads, width) if transpose_heads else (heads, rows, width)
+        x0 = torch.randn(*shape, generator=g) * 2
+        gamma0, beta0 = torch.randn(heads, width, generator=g), torch.randn(heads, width, generator=g)
+        grad_out = torch.randn(heads, rows, width, generator=g)
+        results = []
+        for fn in (lambda x, ga, be: native.layer_norm_act(x, ga, be, 1e-5, native.MISH, 1.25, transpose_heads),
+                   lambda x, ga, be: _heads_reference(x, ga, be, 1.25, transpose_heads)):
+            x, gamma, beta = (t.clone().requires_grad_() for t in (x0, gamma0, beta0))
+            out = fn(x, gamma, beta)
+            out.backward(grad_out)
+            results.append((out.detach(), x.grad, gamma.grad, beta.grad))
+    finally:
+        torch.set_num_threads(previous)
+    assert results[0][0].shape == (heads, rows, width)
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_q_ensemble_with_dropout_equals_torch_path():
+    """Train mode (dropout on): the fused path gives the torch path's Q logits and gradients for
+    the same random stream (same drop mask)."""
+    from agent.train_kernels import BatchKernels, use_native_kernels
+
+    model = small_model(0, num_q=3).train()
+    g = torch.Generator().manual_seed(4)
+    task = torch.randint(0, len(model.cfg.tasks), (16,), generator=g)
+    z = torch.randn(2, 16, model.cfg.latent_dim, generator=g)
+    a = torch.rand(2, 16, model.cfg.action_dim, generator=g) * 2 - 1
+    results = []
+    for enabled in (True, False):
+        assert use_native_kernels(enabled) == enabled
+        model.zero_grad()
+        torch.manual_seed(5)
+        logits = BatchKernels(model, task).q_all(z, a)
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model._Qs.parameters()]))
+    use_native_kernels(True)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for ours, ref in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
 @needs_native
 def test_two_hot_decode_matches_two_hot_inv_with_padding():
     g = torch.Generator().manual_seed(2)

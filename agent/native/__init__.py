@@ -31,12 +31,17 @@ MISH, NO_ACT = 1, 0
 
 _f32p = ctypes.c_void_p
 _i64 = ctypes.c_int64
+_f32 = ctypes.c_float
 _SIGNATURES = {
-    "ln_act_forward": [_f32p, _f32p, _i64, _i64, _f32p, _i64, _f32p, _f32p, ctypes.c_float, ctypes.c_int, _f32p, _f32p],
-    "ln_act_backward": [_f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, ctypes.c_int, _f32p, _f32p, _f32p],
-    "two_hot_decode": [_f32p, _i64, _f32p, _i64, _i64, ctypes.c_float, ctypes.c_float],
-    "ln_simnorm": [_f32p, _i64, _i64, _f32p, _f32p, ctypes.c_float, _i64],
+    "ln_act_forward": [_f32p, _f32p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32p, _i64, _f32p, _f32p, _f32, _f32,
+                       ctypes.c_int, _f32p, _f32p, ctypes.c_int],
+    "ln_act_backward": [_f32p, _f32p, _f32p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32p, _f32p, _f32p, _f32p, _f32,
+                        ctypes.c_int, _f32p, ctypes.c_int],
+    "two_hot_decode": [_f32p, _i64, _f32p, _i64, _i64, _f32, _f32],
+    "ln_simnorm": [_f32p, _i64, _i64, _f32p, _f32p, _f32, _i64],
 }
+# below this many elements a call runs on one thread (waking the others costs more than it saves)
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 def _cache_dir() -> Path:
@@ -61,26 +66,40 @@ def _compiler() -> str | None:
     return None
 
 
+def _torch_uses_gnu_openmp() -> bool:
+    """Whether this process already has GNU OpenMP (libgomp.so.1) loaded, as torch's Linux wheels
+    do: a -fopenmp build then shares torch's thread pool instead of starting a second one."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 def build(force: bool = False) -> Path:
-    """Compile kernels.c (if not cached) and return the shared library's path. Raises on failure."""
+    """Compile kernels.c (if not cached) and return the shared library's path. Raises on failure.
+    Multi-threaded (-fopenmp) where torch runs on GNU OpenMP and the compiler supports it."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set $CC)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), platform.machine(),
-                                     _cpu_signature()]).encode()).hexdigest()[:20]
-    target = _cache_dir() / f"kernels-{key}.so"
-    if target.is_file() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, rename: safe for concurrent builders
-        staged = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(staged), "-lm"], capture_output=True,
-                                text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:400]}")
-        os.replace(staged, target)
-    return target
+    attempts = ([FLAGS + ["-fopenmp"]] if _torch_uses_gnu_openmp() else []) + [FLAGS]
+    errors = []
+    for flags in attempts:
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), platform.machine(),
+                                         _cpu_signature()]).encode()).hexdigest()[:20]
+        target = _cache_dir() / f"kernels-{key}.so"
+        if target.is_file() and not force:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, rename: safe for concurrent builders
+            staged = Path(tmp) / target.name
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(staged), "-lm"], capture_output=True,
+                                    text=True, timeout=120)
+            if result.returncode == 0:
+                os.replace(staged, target)
+                return target
+            errors.append(result.stderr.strip()[:400])
+    raise RuntimeError(f"{compiler} failed: {errors[-1]}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,27 +139,53 @@ def _check(*tensors: torch.Tensor | None) -> None:
             raise ValueError("native kernels take contiguous float32 CPU tensors")
 
 
+def _threads(items: int, width: int) -> int:
+    """Threads for a call: torch.get_num_threads() (1 inside the planner's single-threaded workers)
+    when the work is large enough to pay for waking them."""
+    return 1 if items * width < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), items))
+
+
+def _layout(x: torch.Tensor, heads: int, transpose_heads: bool) -> tuple[int, int, int, int]:
+    """(rows per head, width, row stride, head stride) of x in elements."""
+    width = x.shape[-1]
+    rows = x.numel() // (width * heads)
+    if heads == 1:
+        return rows, width, width, 0
+    if transpose_heads:      # (rows, heads, width)
+        return rows, width, heads * width, width
+    return rows, width, width, rows * width  # (heads, rows, width)
+
+
 def ln_act(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5, act: int = MISH,
            add: torch.Tensor | None = None, out: torch.Tensor | None = None,
-           stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """act(LayerNorm(x + add) * gamma + beta) over the last dim, no autograd.
+           stats: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float = 1.0,
+           transpose_heads: bool = False) -> torch.Tensor:
+    """act(LayerNorm(scale * (x + add)) * gamma + beta) over the last dim, no autograd.
 
-    x: (N, D); add: (N / k, D), row i gets add[i // k] (per-environment constants), or None;
-    out: (N, D) destination, may be x itself (default: a new tensor); stats: (mean, rstd) (N,)
-    buffers to receive the row statistics. act: MISH or NO_ACT."""
-    width = x.shape[-1]
-    rows = x.numel() // width
-    out = torch.empty_like(x) if out is None else out
+    gamma, beta: (D,) for one LayerNorm, or (H, D) for H heads, each with its own affine; then x
+    is (H, ..., D) (out likewise) or, with `transpose_heads`, (..., H, D) and out (H, ..., D).
+    add: (N / k, D), row i of x (N, D) gets add[i // k] (per-environment constants), or None
+    (one head only); out: destination, may be x itself unless transposing (default: new tensor);
+    stats: (mean, rstd) buffers (x.numel() / D,) receiving the row statistics, head-major.
+    act: MISH or NO_ACT. Large inputs are split over torch.get_num_threads() threads."""
+    heads = gamma.shape[0] if gamma.dim() == 2 else 1
+    rows, width, x_rs, x_hs = _layout(x, heads, transpose_heads)
+    if out is None:
+        out = torch.empty((heads, *x.shape[:-2], width) if transpose_heads else x.shape)
+    _, _, o_rs, o_hs = _layout(out, heads, False)
     add_every = 1
     if add is not None:
         add_rows = add.numel() // width
-        if add_rows == 0 or rows % add_rows:
-            raise ValueError(f"add has {add_rows} rows, which does not divide x's {rows}")
+        if heads != 1 or add_rows == 0 or rows % add_rows:
+            raise ValueError(f"add has {add_rows} rows, which does not divide x's {rows} (or x has several heads)")
         add_every = rows // add_rows
+    if transpose_heads and out.data_ptr() == x.data_ptr():
+        raise ValueError("a transposing ln_act cannot write in place")
     mean, rstd = stats if stats is not None else (None, None)
     _check(x, out, add, gamma, beta, mean, rstd)
-    _library().ln_act_forward(_ptr(x), _ptr(out), rows, width, _ptr(add), add_every, _ptr(gamma), _ptr(beta),
-                              float(eps), int(act), _ptr(mean), _ptr(rstd))
+    _library().ln_act_forward(_ptr(x), _ptr(out), rows, heads, width, x_rs, x_hs, o_rs, o_hs, _ptr(add), add_every,
+                              _ptr(gamma), _ptr(beta), float(scale), float(eps), int(act), _ptr(mean), _ptr(rstd),
+                              _threads(heads * rows, width))
     return out
 
 
@@ -169,35 +214,45 @@ def two_hot_decode(logits: torch.Tensor, vmin: float, vmax: float, bins: int | N
 
 
 class LayerNormAct(torch.autograd.Function):
-    """act(LayerNorm(x) * gamma + beta) with a fused forward and backward (training).
-
-    Saves x and the row statistics, recomputes the rest in the backward pass."""
+    """act(LayerNorm(scale * x) * gamma + beta) with a fused forward and backward (training); gamma
+    (D,) or (H, D) per head, layouts as `ln_act`. Saves x and the row statistics, recomputes the
+    rest in the backward pass."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, act: int) -> torch.Tensor:
-        x = x.contiguous()
-        rows = x.numel() // x.shape[-1]
-        mean, rstd = torch.empty(rows), torch.empty(rows)
-        out = ln_act(x, gamma.contiguous(), beta.contiguous(), eps, act, stats=(mean, rstd))
+    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, act: int, scale: float,
+                transpose_heads: bool) -> torch.Tensor:
+        x, gamma, beta = x.contiguous(), gamma.contiguous(), beta.contiguous()
+        items = x.numel() // x.shape[-1]
+        mean, rstd = torch.empty(items), torch.empty(items)
+        out = ln_act(x, gamma, beta, eps, act, stats=(mean, rstd), scale=scale, transpose_heads=transpose_heads)
         ctx.save_for_backward(x, gamma, beta, mean, rstd)
-        ctx.act = act
+        ctx.act, ctx.scale, ctx.transpose_heads = act, scale, transpose_heads
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, gamma, beta, mean, rstd = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        width = x.shape[-1]
+        heads = gamma.shape[0] if gamma.dim() == 2 else 1
+        rows, width, x_rs, x_hs = _layout(x, heads, ctx.transpose_heads)
+        _, _, g_rs, g_hs = _layout(grad_out, heads, False)
         grad_x = torch.empty_like(x)
-        grad_gamma, grad_beta = torch.zeros(width), torch.zeros(width)
-        gamma, beta = gamma.contiguous(), beta.contiguous()
-        _check(grad_out, gamma, beta)
-        _library().ln_act_backward(_ptr(x), _ptr(grad_out), _ptr(mean), _ptr(rstd), _ptr(gamma), _ptr(beta),
-                                   x.numel() // width, width, ctx.act, _ptr(grad_x), _ptr(grad_gamma), _ptr(grad_beta))
-        return grad_x, grad_gamma, grad_beta, None, None
+        want_affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        threads = _threads(heads * rows, width)
+        # one gamma / beta accumulator per thread (threads must not add into the same rows)
+        grad_affine = torch.zeros(threads, 2, *gamma.shape) if want_affine else None
+        _check(grad_out)
+        _library().ln_act_backward(_ptr(x), _ptr(grad_out), _ptr(grad_x), rows, heads, width, x_rs, x_hs, g_rs, g_hs,
+                                   _ptr(mean), _ptr(rstd), _ptr(gamma), _ptr(beta), float(ctx.scale), ctx.act,
+                                   _ptr(grad_affine), threads)
+        if not want_affine:
+            return grad_x, None, None, None, None, None, None
+        grad_gamma, grad_beta = grad_affine.sum(0) if threads > 1 else grad_affine[0]
+        return grad_x, grad_gamma, grad_beta, None, None, None, None
 
 
 def layer_norm_act(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
-                   act: int = MISH) -> torch.Tensor:
-    """Differentiable act(LayerNorm(x) * gamma + beta) over the last dim through the fused kernels."""
-    return LayerNormAct.apply(x, gamma, beta, eps, act)
+                   act: int = MISH, scale: float = 1.0, transpose_heads: bool = False) -> torch.Tensor:
+    """Differentiable act(LayerNorm(scale * x) * gamma + beta) over the last dim through the fused
+    kernels; gamma / beta (D,) or (H, D) for H heads (layouts as `ln_act`)."""
+    return LayerNormAct.apply(x, gamma, beta, eps, act, scale, transpose_heads)

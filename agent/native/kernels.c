@@ -10,6 +10,12 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+static inline int thread_index(void) { return omp_get_thread_num(); }
+#else
+static inline int thread_index(void) { return 0; }
+#endif
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
@@ -111,129 +117,153 @@ static inline vf vmish(vf y) {
   return y * n * vrecip(n + splat(2.0f));
 }
 
-/* Row mean and 1/std (biased variance, as LayerNorm) of x[0:width]. */
-static inline void row_stats(const float *x, int64_t width, float eps, float *mean_out, float *rstd_out) {
-  /* four accumulators per pass: the adds of one chain wait on each other (4-cycle latency) */
+/* Row mean and 1/std (biased variance, as LayerNorm) of scale * (x[0:width] + c[0:width]) (c may be NULL). */
+static inline void row_stats(const float *x, const float *c, int64_t width, float scale, float eps,
+                             float *mean_out, float *rstd_out) {
+  /* four accumulators: the adds of one chain wait on each other (4-cycle latency) */
   vf a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
-  for (; i + 4 * LANES <= width; i += 4 * LANES) {
-    a0 += load(x + i); a1 += load(x + i + LANES); a2 += load(x + i + 2 * LANES); a3 += load(x + i + 3 * LANES);
+  if (c) {
+    for (; i + 2 * LANES <= width; i += 2 * LANES) {
+      a0 += load(x + i) + load(c + i);
+      a1 += load(x + i + LANES) + load(c + i + LANES);
+    }
+    for (; i + LANES <= width; i += LANES) a0 += load(x + i) + load(c + i);
+  } else {
+    for (; i + 4 * LANES <= width; i += 4 * LANES) {
+      a0 += load(x + i); a1 += load(x + i + LANES); a2 += load(x + i + 2 * LANES); a3 += load(x + i + 3 * LANES);
+    }
+    for (; i + LANES <= width; i += LANES) a0 += load(x + i);
   }
-  for (; i + LANES <= width; i += LANES) a0 += load(x + i);
   float sum = hsum((a0 + a1) + (a2 + a3));
-  for (; i < width; ++i) sum += x[i];
+  for (; i < width; ++i) sum += x[i] + (c ? c[i] : 0.f);
   float mean = sum / (float)width;
   vf m = splat(mean);
   a0 = splat(0.f); a1 = a0; a2 = a0; a3 = a0;
-  for (i = 0; i + 4 * LANES <= width; i += 4 * LANES) {
-    vf d0 = load(x + i) - m, d1 = load(x + i + LANES) - m, d2 = load(x + i + 2 * LANES) - m, d3 = load(x + i + 3 * LANES) - m;
-    a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3;
-  }
-  for (; i + LANES <= width; i += LANES) { vf d = load(x + i) - m; a0 += d * d; }
-  float var = hsum((a0 + a1) + (a2 + a3));
-  for (; i < width; ++i) { float d = x[i] - mean; var += d * d; }
-  *mean_out = mean;
-  *rstd_out = 1.0f / sqrtf(var / (float)width + eps);
-}
-
-/* Mean and 1/std of x[0:width] + c[0:width] (c may be NULL). */
-static inline void row_stats_add(const float *x, const float *c, int64_t width, float eps, float *mean_out, float *rstd_out) {
-  vf a0 = splat(0.f), a1 = a0;
-  int64_t i = 0;
-  for (; i + 2 * LANES <= width; i += 2 * LANES) {
-    a0 += load(x + i) + load(c + i);
-    a1 += load(x + i + LANES) + load(c + i + LANES);
-  }
-  for (; i + LANES <= width; i += LANES) a0 += load(x + i) + load(c + i);
-  float sum = hsum(a0 + a1);
-  for (; i < width; ++i) sum += x[i] + c[i];
-  float mean = sum / (float)width;
-  vf m = splat(mean);
-  a0 = splat(0.f); a1 = a0;
-  for (i = 0; i + 2 * LANES <= width; i += 2 * LANES) {
-    vf d0 = load(x + i) + load(c + i) - m, d1 = load(x + i + LANES) + load(c + i + LANES) - m;
-    a0 += d0 * d0; a1 += d1 * d1;
-  }
-  for (; i + LANES <= width; i += LANES) { vf d = load(x + i) + load(c + i) - m; a0 += d * d; }
-  float var = hsum(a0 + a1);
-  for (; i < width; ++i) { float d = x[i] + c[i] - mean; var += d * d; }
-  *mean_out = mean;
-  *rstd_out = 1.0f / sqrtf(var / (float)width + eps);
-}
-
-/* out (rows, width) = act(LayerNorm(x + add[row / add_every]) * gamma + beta); out may be x.
- * add: (rows / add_every, width) or NULL; act: 0 none, 1 Mish.
- * mean_out / rstd_out (rows,) may be NULL (saved for the backward pass otherwise; they describe
- * x + add, so give the backward pass x + add as its input). */
-void ln_act_forward(const float *x, float *out, int64_t rows, int64_t width, const float *add, int64_t add_every,
-                    const float *gamma, const float *beta, float eps, int act, float *mean_out, float *rstd_out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *src = x + r * width;
-    const float *c = add ? add + (r / add_every) * width : NULL;
-    float *dst = out + r * width;
-    float mean, rstd;
-    if (c) row_stats_add(src, c, width, eps, &mean, &rstd);
-    else row_stats(src, width, eps, &mean, &rstd);
-    if (mean_out) { mean_out[r] = mean; rstd_out[r] = rstd; }
-    vf m = splat(mean), s = splat(rstd);
-    for (int64_t i = 0; i < width; i += LANES) {
-      int64_t n = width - i < LANES ? width - i : LANES;
-      vf v = n == LANES ? load(src + i) : load_part(src + i, n, 0.f);
-      if (c) v += n == LANES ? load(c + i) : load_part(c + i, n, 0.f);
-      vf g = n == LANES ? load(gamma + i) : load_part(gamma + i, n, 0.f);
-      vf b = n == LANES ? load(beta + i) : load_part(beta + i, n, 0.f);
-      vf y = (v - m) * s * g + b;
-      if (act == 1) y = vmish(y);
-      if (n == LANES) store(dst + i, y); else store_part(dst + i, y, n);
+  i = 0;
+  if (c) {
+    for (; i + 2 * LANES <= width; i += 2 * LANES) {
+      vf d0 = load(x + i) + load(c + i) - m, d1 = load(x + i + LANES) + load(c + i + LANES) - m;
+      a0 += d0 * d0; a1 += d1 * d1;
     }
+    for (; i + LANES <= width; i += LANES) { vf d = load(x + i) + load(c + i) - m; a0 += d * d; }
+  } else {
+    for (; i + 4 * LANES <= width; i += 4 * LANES) {
+      vf d0 = load(x + i) - m, d1 = load(x + i + LANES) - m, d2 = load(x + i + 2 * LANES) - m, d3 = load(x + i + 3 * LANES) - m;
+      a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3;
+    }
+    for (; i + LANES <= width; i += LANES) { vf d = load(x + i) - m; a0 += d * d; }
+  }
+  float var = hsum((a0 + a1) + (a2 + a3));
+  for (; i < width; ++i) { float d = x[i] + (c ? c[i] : 0.f) - mean; var += d * d; }
+  *mean_out = scale * mean;
+  *rstd_out = 1.0f / sqrtf(scale * scale * (var / (float)width) + eps);
+}
+
+/* One row: dst = act(LayerNorm(scale * (src + c)) * gamma + beta); dst may be src. */
+static inline void ln_act_row(const float *src, const float *c, float *dst, int64_t width, const float *gamma,
+                              const float *beta, float scale, float eps, int act, float *mean_out, float *rstd_out) {
+  float mean, rstd;
+  row_stats(src, c, width, scale, eps, &mean, &rstd);
+  if (mean_out) { *mean_out = mean; *rstd_out = rstd; }
+  vf m = splat(mean), s = splat(rstd), k = splat(scale);
+  for (int64_t i = 0; i < width; i += LANES) {
+    int64_t n = width - i < LANES ? width - i : LANES;
+    vf v = n == LANES ? load(src + i) : load_part(src + i, n, 0.f);
+    if (c) v += n == LANES ? load(c + i) : load_part(c + i, n, 0.f);
+    vf g = n == LANES ? load(gamma + i) : load_part(gamma + i, n, 0.f);
+    vf b = n == LANES ? load(beta + i) : load_part(beta + i, n, 0.f);
+    vf y = (v * k - m) * s * g + b;
+    if (act == 1) y = vmish(y);
+    if (n == LANES) store(dst + i, y); else store_part(dst + i, y, n);
   }
 }
 
-/* Backward of y = act(LayerNorm(x) * gamma + beta), recomputing from the input x (rows, width) and
- * the saved mean / rstd. Writes grad_x (rows, width); accumulates grad_gamma, grad_beta (width,). */
-void ln_act_backward(const float *x, const float *grad_y, const float *mean, const float *rstd,
-                     const float *gamma, const float *beta, int64_t rows, int64_t width, int act,
-                     float *grad_x, float *grad_gamma, float *grad_beta) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * width, *gr = grad_y + r * width;
-    float *out = grad_x + r * width;
-    vf m = splat(mean[r]), s = splat(rstd[r]);
+/* Rows of `heads` independent LayerNorms (+ act) with their own gamma / beta (heads, width), in any
+ * row / head strides, so one call can also transpose (rows, heads, width) into (heads, rows, width).
+ * Item k in [0, rows * heads) is head h = k / rows, row r = k % rows:
+ *   out[r * o_rs + h * o_hs] = act(LayerNorm(scale * (x[r * x_rs + h * x_hs] + add[r / add_every]))
+ *                                  * gamma[h] + beta[h])
+ * add: (rows / add_every, width) or NULL (heads == 1 only); act: 0 none, 1 Mish; out may be x.
+ * mean_out / rstd_out (heads * rows,), indexed k, may be NULL; they describe scale * (x + add), so
+ * the backward pass of a call with add must be given x + add as its input. Runs on `threads` threads
+ * of the OpenMP pool (torch's own, when built with -fopenmp and loaded into a torch process). */
+void ln_act_forward(const float *x, float *out, int64_t rows, int64_t heads, int64_t width,
+                    int64_t x_rs, int64_t x_hs, int64_t o_rs, int64_t o_hs, const float *add, int64_t add_every,
+                    const float *gamma, const float *beta, float scale, float eps, int act,
+                    float *mean_out, float *rstd_out, int threads) {
+  int64_t items = rows * heads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t k = 0; k < items; ++k) {
+    int64_t h = k / rows, r = k % rows;
+    ln_act_row(x + r * x_rs + h * x_hs, add ? add + (r / add_every) * width : NULL, out + r * o_rs + h * o_hs,
+               width, gamma + h * width, beta + h * width, scale, eps, act,
+               mean_out ? mean_out + k : NULL, rstd_out ? rstd_out + k : NULL);
+  }
+}
+
+/* Backward of ln_act_forward (no add), recomputing from its input x and the saved mean / rstd.
+ * grad_y is laid out with strides (g_rs, g_hs), x and grad_x with (x_rs, x_hs). Writes grad_x;
+ * accumulates d gamma, d beta into grad_affine (threads, 2, heads, width), slice [t] from thread t
+ * (NULL: skipped). */
+void ln_act_backward(const float *x, const float *grad_y, float *grad_x, int64_t rows, int64_t heads, int64_t width,
+                     int64_t x_rs, int64_t x_hs, int64_t g_rs, int64_t g_hs, const float *mean, const float *rstd,
+                     const float *gamma, const float *beta, float scale, int act,
+                     float *grad_affine, int threads) {
+  int64_t items = rows * heads;
+  vf k_scale = splat(scale);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t k = 0; k < items; ++k) {
+    int64_t h = k / rows, r = k % rows;
+    const float *xr = x + r * x_rs + h * x_hs, *gr = grad_y + r * g_rs + h * g_hs;
+    const float *ga_row = gamma + h * width, *be_row = beta + h * width;
+    /* each thread accumulates the affine gradients into its own (2, heads, width) slice */
+    float *gg_row = NULL, *gb_row = NULL;
+    if (grad_affine) {
+      gg_row = grad_affine + (thread_index() * 2 * heads + h) * width;
+      gb_row = gg_row + heads * width;
+    }
+    float *out = grad_x + r * x_rs + h * x_hs;
+    vf m = splat(mean[k]), s = splat(rstd[k]);
     vf sum_g = splat(0.f), sum_gx = splat(0.f);
     /* pass 1: g_hat = dL/dxhat = dL/dy * act'(pre) * gamma, stored in grad_x; row sums for the LN backward */
     for (int64_t i = 0; i < width; i += LANES) {
       int64_t n = width - i < LANES ? width - i : LANES;
       vf xv = n == LANES ? load(xr + i) : load_part(xr + i, n, 0.f);
       vf gy = n == LANES ? load(gr + i) : load_part(gr + i, n, 0.f);
-      vf ga = n == LANES ? load(gamma + i) : load_part(gamma + i, n, 0.f);
-      vf be = n == LANES ? load(beta + i) : load_part(beta + i, n, 0.f);
-      vf xhat = (xv - m) * s;
+      vf ga = n == LANES ? load(ga_row + i) : load_part(ga_row + i, n, 0.f);
+      vf be = n == LANES ? load(be_row + i) : load_part(be_row + i, n, 0.f);
+      vf xhat = (xv * k_scale - m) * s;
       vf pre = xhat * ga + be;
       vf d = gy;
       if (act == 1) { /* mish'(p) = t + p (1 - t^2) sigmoid(p), t = n / (n + 2), n = e (e + 2) */
         vf e = vexp(vmin(pre, splat(20.0f)));
         vf nn = e * (e + splat(2.0f));
-        vf t = nn / (nn + splat(2.0f));
-        vf sig = e / (e + splat(1.0f));
+        vf t = nn * vrecip(nn + splat(2.0f));
+        vf sig = e * vrecip(e + splat(1.0f));
         d = gy * (t + pre * (splat(1.0f) - t * t) * sig);
       }
       if (n < LANES) { xhat = load_part((const float *)&xhat, n, 0.f); d = load_part((const float *)&d, n, 0.f); }
-      vf gb = n == LANES ? load(grad_beta + i) : load_part(grad_beta + i, n, 0.f);
-      vf gg = n == LANES ? load(grad_gamma + i) : load_part(grad_gamma + i, n, 0.f);
-      gb += d;
-      gg += d * xhat;
+      if (gb_row) {
+        vf gb = n == LANES ? load(gb_row + i) : load_part(gb_row + i, n, 0.f);
+        vf gg = n == LANES ? load(gg_row + i) : load_part(gg_row + i, n, 0.f);
+        gb += d;
+        gg += d * xhat;
+        if (n == LANES) { store(gb_row + i, gb); store(gg_row + i, gg); }
+        else { store_part(gb_row + i, gb, n); store_part(gg_row + i, gg, n); }
+      }
       vf gh = d * ga;
       sum_g += gh;
       sum_gx += gh * xhat;
-      if (n == LANES) { store(grad_beta + i, gb); store(grad_gamma + i, gg); store(out + i, gh); }
-      else { store_part(grad_beta + i, gb, n); store_part(grad_gamma + i, gg, n); store_part(out + i, gh, n); }
+      if (n == LANES) store(out + i, gh); else store_part(out + i, gh, n);
     }
-    /* pass 2: dx = rstd * (g_hat - mean(g_hat) - xhat * mean(g_hat * xhat)) */
-    vf mg = splat(hsum(sum_g) / (float)width), mgx = splat(hsum(sum_gx) / (float)width);
+    /* pass 2: dx = scale * rstd * (g_hat - mean(g_hat) - xhat * mean(g_hat * xhat)) */
+    vf mg = splat(hsum(sum_g) / (float)width), mgx = splat(hsum(sum_gx) / (float)width), ks = s * k_scale;
     for (int64_t i = 0; i < width; i += LANES) {
       int64_t n = width - i < LANES ? width - i : LANES;
       vf xv = n == LANES ? load(xr + i) : load_part(xr + i, n, 0.f);
       vf gh = n == LANES ? load(out + i) : load_part(out + i, n, 0.f);
-      vf dx = s * (gh - mg - (xv - m) * s * mgx);
+      vf dx = ks * (gh - mg - (xv * k_scale - m) * s * mgx);
       if (n == LANES) store(out + i, dx); else store_part(out + i, dx, n);
     }
   }
@@ -271,10 +301,10 @@ void two_hot_decode(const float *logits, int64_t stride, float *out, int64_t row
 /* x (rows, width) in place: LayerNorm(x) * gamma + beta, then softmax within consecutive groups of
  * `group` features (SimNorm). width must be a multiple of group. */
 void ln_simnorm(float *x, int64_t rows, int64_t width, const float *gamma, const float *beta, float eps, int64_t group) {
-  ln_act_forward(x, x, rows, width, NULL, 1, gamma, beta, eps, 0, NULL, NULL);
   float shift[width];
   for (int64_t r = 0; r < rows; ++r) {
     float *row = x + r * width;
+    ln_act_row(row, NULL, row, width, gamma, beta, 1.0f, eps, 0, NULL, NULL);
     for (int64_t j = 0; j < width; j += group) { /* each group's maximum, spread over its lanes */
       float mx = row[j];
       for (int64_t k = 1; k < group; ++k) mx = row[j + k] > mx ? row[j + k] : mx;

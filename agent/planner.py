@@ -196,9 +196,16 @@ class Agent:
         """z: (E * S, L), actions: (H, E * S, A) -> discounted return + terminal value (E * S, 1);
         terminal_eps: (E * S, A) policy noise of the terminal action (drawn if None).
 
-        Rows are processed in chunks (`row_chunks`) spread over `self.workers` threads."""
+        On CPU with the native kernels, one `native.ValueNet` call does it all (blocks of rows on
+        `self.workers` OpenMP threads); otherwise rows are processed in chunks (`row_chunks`)
+        spread over `self.workers` Python threads."""
         samples = self.cfg.num_samples
         heads = self._q_heads(z.device)
+        workers = max(1, self.workers or torch.get_num_threads()) if z.device.type == "cpu" else 1
+        if terminal_eps is not None:
+            value_net = nets.value_net(heads, samples, actions.shape[0], self.discount)
+            if value_net is not None:  # the whole estimate in one native call
+                return value_net(z, actions, mask, terminal_eps, threads=workers)
         out = torch.empty(z.shape[0], 1, device=z.device)
 
         def run(chunks: list[tuple[slice, slice]]) -> None:
@@ -211,7 +218,6 @@ class Agent:
                 eps = None if terminal_eps is None else terminal_eps[rows]
                 out[rows] = ret + discount * nets.q_avg(z_chunk, nets.pi(z_chunk, mask[rows], envs, eps=eps), envs, heads)
 
-        workers = max(1, self.workers or torch.get_num_threads()) if z.device.type == "cpu" else 1
         chunk_rows = max(1, min(self.chunk_rows, -(-z.shape[0] // workers)))
         chunks = row_chunks(nets.E, samples, chunk_rows)
         workers = min(workers, len(chunks))

@@ -121,6 +121,49 @@ class PlanningKernels:
         # per head: (first-layer weight (L + A, mlp), per-env constant (E, mlp)), both contiguous
         self.q_first = [(q_w[:, h * width:(h + 1) * width].contiguous(), q_const[:, h * width:(h + 1) * width].contiguous())
                         for h in range(cfg.num_q)]
+        self._value_nets: dict[tuple, object] = {}
+
+    def value_net(self, heads: torch.Tensor, rows_per_env: int, horizon: int, discount: float):
+        """`native.ValueNet` doing step x horizon + pi + q_avg(heads) in one call, or None where the
+        native kernels (or torch's BLAS entry points) are unavailable or the weights are not on CPU.
+        heads: (2,) Q head indices."""
+        m, cfg = self.model, self.cfg
+        key = (tuple(sorted(heads.tolist())), rows_per_env, horizon, discount)  # a + b == b + a: order is moot
+        if key in self._value_nets:
+            return self._value_nets[key]
+        self._value_nets[key] = net = self._build_value_net(torch.tensor(key[0]), rows_per_env, horizon, discount)
+        return net
+
+    def _build_value_net(self, heads: torch.Tensor, rows_per_env: int, horizon: int, discount: float):
+        m, cfg = self.model, self.cfg
+        if (not native.value_kernel_available() or self.reward_w.device.type != "cpu" or heads.numel() != 2
+                or self.reward_w.dtype != torch.float32 or len(m._Qs.layers) != 3):
+            return None
+        dense = native.Dense
+
+        def hidden(layer, bias=None):
+            return dense(layer.weight.T, layer.bias if bias is None else bias, layer.ln.weight, layer.ln.bias)
+
+        rew0, dyn0, q_layers = m._reward[0], m._dynamics[0], m._Qs.layers
+        q0, q1 = [], []
+        for head in heads.tolist():
+            w_first, const = self.q_first[head]
+            q0.append(dense(w_first, const, q_layers[0].ln_weight[head], q_layers[0].ln_bias[head]))
+            q1.append(dense(q_layers[1].weight[head].T, q_layers[1].bias[head], q_layers[1].ln_weight[head],
+                            q_layers[1].ln_bias[head]))
+        layers = {
+            "first": dense(torch.cat([self.reward_w, self.next_w], 1), torch.cat([self.reward_const, self.next_const], 1),
+                           torch.cat([rew0.ln.weight, dyn0.ln.weight]), torch.cat([rew0.ln.bias, dyn0.ln.bias])),
+            "reward1": hidden(m._reward[1]), "reward_out": dense(*self.reward_out),
+            "next1": hidden(m._dynamics[1]), "next_out": hidden(m._dynamics[2]),
+            "pi0": dense(self.pi_w, self.pi_const, m._pi[0].ln.weight, m._pi[0].ln.bias), "pi1": hidden(m._pi[1]),
+            "pi_out": dense(m._pi[2].weight.T, m._pi[2].bias),
+            "q0": q0, "q1": q1, "q_out": [dense(*self.q_out[head]) for head in heads.tolist()],
+        }
+        return native.ValueNet(layers, latent=cfg.latent_dim, action=cfg.action_dim, mlp=cfg.mlp_dim, bins=cfg.num_bins,
+                               simnorm=cfg.simnorm_dim, rows_per_env=rows_per_env, horizon=horizon, discount=discount,
+                               vmin=cfg.vmin, vmax=cfg.vmax, log_std_min=cfg.log_std_min, log_std_max=cfg.log_std_max,
+                               ln_eps=rew0.ln.eps)
 
     def encode(self, obs: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
         """obs: (E, obs_dim) -> z (E, latent) (E rows only; uses the model directly)."""

@@ -181,6 +181,39 @@ def test_threaded_planning_equals_single_worker():
     torch.testing.assert_close(_plan(model, workers=3, chunk_rows=4096), single, rtol=0, atol=1e-5)
 
 
+@needs_native
+@pytest.mark.parametrize("threads,block", [(1, 128), (2, 7), (3, 1000)])
+def test_native_value_estimate_equals_torch_chunks(monkeypatch, threads, block):
+    """native.ValueNet (horizon steps + policy action + mean of two Q heads in one call) gives the
+    torch chunk path's values for several tasks, whatever the thread count and the block size
+    (blocks that cut across environments included)."""
+    if not native.value_kernel_available():
+        pytest.skip("torch exports no BLAS entry points here")
+    from agent.rollout import PlanningKernels
+
+    model = small_model(0, noise=0.3).eval()
+    task, samples, horizon = torch.tensor([3, 0, 16]), 40, 3
+    agent = Agent(model, seed=0, num_samples=samples, num_elites=8, num_pi_trajs=6, horizon=horizon)
+    g = torch.Generator().manual_seed(6)
+    nets = PlanningKernels(model, task, 3)
+    z = nets.encode(torch.randn(3, 24, generator=g), task).repeat_interleave(samples, 0)
+    mask = model.action_mask(task).repeat_interleave(samples, 0)
+    actions = (torch.rand(horizon, 3 * samples, 6, generator=g) * 2 - 1) * mask
+    eps = torch.randn(3 * samples, 6, generator=g)
+    heads = torch.tensor([2, 0])
+    value_net = nets.value_net(heads, samples, horizon, agent.discount)
+    with torch.inference_mode():
+        ours = value_net(z, actions, mask, eps, block=block, threads=threads)
+        monkeypatch.setattr(PlanningKernels, "value_net", lambda *args: None)
+        monkeypatch.setattr(Agent, "_q_heads", lambda self, device: heads)
+        expected = agent._estimate_value(nets, z, actions, mask, eps)
+    assert ours.shape == (3 * samples, 1)
+    assert expected.std() > 0.1  # values that differ between samples, not a constant
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        value_net(z[:-1], actions, mask, eps)
+
+
 def test_planning_without_native_kernels_matches(tmp_path):
     """DISTILL_NATIVE=0 (or no compiler) falls back to torch ops with the same plans."""
     script = (

@@ -39,7 +39,9 @@ _SIGNATURES = {
                         ctypes.c_int, _f32p, ctypes.c_int],
     "two_hot_decode": [_f32p, _i64, _f32p, _i64, _i64, _f32, _f32],
     "ln_simnorm": [_f32p, _i64, _i64, _f32p, _f32p, _f32, _i64],
+    "plan_values": [ctypes.c_void_p, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, ctypes.c_int],
 }
+_RESTYPES = {"plan_values": ctypes.c_int}
 # below this many elements a call runs on one thread (waking the others costs more than it saves)
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
@@ -112,7 +114,7 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = _RESTYPES.get(name)
         return lib
     except Exception as exc:  # no compiler, read-only home, unsupported toolchain...
         warnings.warn(f"native CPU kernels unavailable, using torch ops ({type(exc).__name__}: {str(exc)[:200]})")
@@ -256,3 +258,100 @@ def layer_norm_act(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps
     """Differentiable act(LayerNorm(scale * x) * gamma + beta) over the last dim through the fused
     kernels; gamma / beta (D,) or (H, D) for H heads (layouts as `ln_act`)."""
     return LayerNormAct.apply(x, gamma, beta, eps, act, scale, transpose_heads)
+
+
+# -- MPPI value estimation in one call ----------------------------------------------------------
+class _Layer(ctypes.Structure):
+    _fields_ = [("w", _f32p), ("bias", _f32p), ("gamma", _f32p), ("beta", _f32p),
+                ("in_features", _i64), ("out_features", _i64), ("per_env", _i64)]
+
+
+class _ValueNet(ctypes.Structure):
+    _fields_ = [("sgemm", ctypes.c_void_p), ("set_threads_local", ctypes.c_void_p),
+                ("first", _Layer), ("reward1", _Layer), ("reward_out", _Layer), ("next1", _Layer), ("next_out", _Layer),
+                ("pi0", _Layer), ("pi1", _Layer), ("pi_out", _Layer),
+                ("q0", _Layer * 2), ("q1", _Layer * 2), ("q_out", _Layer * 2),
+                ("latent", _i64), ("action", _i64), ("mlp", _i64), ("bins", _i64), ("simnorm", _i64),
+                ("rows_per_env", _i64), ("horizon", _i64), ("discount", ctypes.c_double),
+                ("vmin", _f32), ("vmax", _f32), ("log_std_min", _f32), ("log_std_max", _f32), ("ln_eps", _f32)]
+
+
+@functools.lru_cache(maxsize=1)
+def _blas() -> tuple[int, int | None] | None:
+    """Addresses of sgemm_ and MKL_Set_Num_Threads_Local in torch's own BLAS (MKL in the x86 wheels),
+    or None when torch's library does not export them."""
+    for name in ("libtorch_cpu.so", "libtorch.so"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if not path.is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+            sgemm = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        try:
+            local = ctypes.cast(lib.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value  # C ABI (int by value)
+        except AttributeError:
+            local = None
+        return sgemm, local
+    return None
+
+
+def value_kernel_available() -> bool:
+    """Whether `ValueNet` can run here: the fused kernels plus torch's BLAS entry points."""
+    return available() and _blas() is not None
+
+
+class Dense:
+    """One layer for `ValueNet`: w (in, out) (the weight transposed), bias (out,) or per environment
+    (E, out), LayerNorm gamma / beta (out,) for hidden layers. Tensors are made contiguous float32."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor | None = None,
+                 beta: torch.Tensor | None = None):
+        self.w, self.bias = w.contiguous(), bias.contiguous()
+        self.gamma = None if gamma is None else gamma.contiguous()
+        self.beta = None if beta is None else beta.contiguous()
+        _check(self.w, self.bias, self.gamma, self.beta)
+
+    def struct(self) -> _Layer:
+        return _Layer(_ptr(self.w), _ptr(self.bias), _ptr(self.gamma), _ptr(self.beta), self.w.shape[0], self.w.shape[1],
+                      int(self.bias.dim() == 2))
+
+
+class ValueNet:
+    """The planner's value estimate (PlanningKernels.step x horizon, pi, mean of two Q heads) as one
+    native call over all rows. `layers`: Dense for first (reward | dynamics first layers side by
+    side, per-env bias), reward1, reward_out, next1, next_out, pi0 (per-env bias), pi1, pi_out, and
+    lists of two for q0 (per-env bias), q1, q_out. Keeps the tensors alive."""
+
+    def __init__(self, layers: dict, *, latent: int, action: int, mlp: int, bins: int, simnorm: int,
+                 rows_per_env: int, horizon: int, discount: float, vmin: float, vmax: float, log_std_min: float,
+                 log_std_max: float, ln_eps: float = 1e-5):
+        sgemm, local = _blas()
+        self.layers = layers
+        net = _ValueNet(sgemm=sgemm, set_threads_local=local)
+        for name, layer in layers.items():
+            if isinstance(layer, (list, tuple)):
+                getattr(net, name)[:] = [item.struct() for item in layer]
+            else:
+                setattr(net, name, layer.struct())
+        for name, value in dict(latent=latent, action=action, mlp=mlp, bins=bins, simnorm=simnorm,
+                                rows_per_env=rows_per_env, horizon=horizon, discount=discount, vmin=vmin, vmax=vmax,
+                                log_std_min=log_std_min, log_std_max=log_std_max, ln_eps=ln_eps).items():
+            setattr(net, name, value)
+        self.net = net
+
+    def __call__(self, z: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor,
+                 block: int = 128, threads: int | None = None) -> torch.Tensor:
+        """z (N, latent), actions (horizon, N, action), mask / eps (N, action) -> values (N, 1)."""
+        rows = z.shape[0]
+        _check(z, actions, mask, eps)
+        if actions.shape != (self.net.horizon, rows, self.net.action) or z.shape[1] != self.net.latent:
+            raise ValueError(f"ValueNet: z {tuple(z.shape)} / actions {tuple(actions.shape)} do not match the net")
+        threads = max(1, torch.get_num_threads() if threads is None else threads)
+        block = max(1, min(block, -(-rows // threads)))
+        out = torch.empty(rows, 1)
+        if _library().plan_values(ctypes.byref(self.net), _ptr(z), _ptr(actions), _ptr(mask), _ptr(eps), _ptr(out),
+                                  rows, block, threads) != 0:
+            raise MemoryError("native plan_values: could not allocate scratch memory")
+        return out

@@ -5,6 +5,7 @@
  * exact float rounding. Built and loaded by agent/native/__init__.py.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #ifdef __AVX512F__
@@ -269,55 +270,216 @@ void ln_act_backward(const float *x, const float *grad_y, float *grad_x, int64_t
   }
 }
 
+/* symexp(sum_k softmax(row + bias)_k * center_k) over the first `bins` entries, centers =
+ * linspace(vmin, vmax, bins); bias may be NULL. */
+static inline float decode_row(const float *row, const float *bias, int64_t bins, float vmin_, float step) {
+  vf mx = splat(-INFINITY);
+  int64_t i = 0;
+  for (; i < bins; i += LANES) {
+    int64_t n = bins - i < LANES ? bins - i : LANES;
+    vf v = n == LANES ? load(row + i) : load_part(row + i, n, -INFINITY);
+    if (bias) v += n == LANES ? load(bias + i) : load_part(bias + i, n, 0.f);
+    mx = vmax(mx, v);
+  }
+  vf m = splat(hmax(mx)), sum = splat(0.f), wsum = splat(0.f);
+  vf lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (i = 0; i < bins; i += LANES) {
+    int64_t n = bins - i < LANES ? bins - i : LANES;
+    vf v = n == LANES ? load(row + i) : load_part(row + i, n, -INFINITY);
+    if (bias) v += n == LANES ? load(bias + i) : load_part(bias + i, n, 0.f);
+    vf e = vexp(v - m);
+    if (n < LANES) e = vsel(lane < splat((float)n), e, splat(0.f));
+    vf center = splat(vmin_) + (lane + splat((float)i)) * splat(step);
+    sum += e;
+    wsum += e * center;
+  }
+  float v = hsum(wsum) / hsum(sum);
+  return copysignf(expf(fabsf(v)) - 1.0f, v) * (v != 0.0f);
+}
+
 /* Expected value of two-hot logits: out[r] = symexp(sum_k softmax(logits[r])_k * center_k),
  * centers = linspace(vmin, vmax, bins). logits (rows, stride >= bins): the first `bins` columns are
  * used; out (rows,). */
 void two_hot_decode(const float *logits, int64_t stride, float *out, int64_t rows, int64_t bins, float vmin_, float vmax_) {
   float step = (vmax_ - vmin_) / (float)(bins - 1);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *row = logits + r * stride;
-    vf mx = splat(-INFINITY);
-    int64_t i = 0;
-    for (; i < bins; i += LANES) {
-      int64_t n = bins - i < LANES ? bins - i : LANES;
-      mx = vmax(mx, n == LANES ? load(row + i) : load_part(row + i, n, -INFINITY));
-    }
-    vf m = splat(hmax(mx)), sum = splat(0.f), wsum = splat(0.f);
-    vf lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    for (i = 0; i < bins; i += LANES) {
-      int64_t n = bins - i < LANES ? bins - i : LANES;
-      vf e = vexp((n == LANES ? load(row + i) : load_part(row + i, n, -INFINITY)) - m);
-      if (n < LANES) e = vsel(lane < splat((float)n), e, splat(0.f));
-      vf center = splat(vmin_) + (lane + splat((float)i)) * splat(step);
-      sum += e;
-      wsum += e * center;
-    }
-    float v = hsum(wsum) / hsum(sum);
-    float a = fabsf(v);
-    out[r] = copysignf(expf(a) - 1.0f, v) * (v != 0.0f);
+  for (int64_t r = 0; r < rows; ++r) out[r] = decode_row(logits + r * stride, NULL, bins, vmin_, step);
+}
+
+/* In place: softmax within consecutive groups of `group` features (SimNorm); width % group == 0. */
+static inline void simnorm_row(float *row, int64_t width, int64_t group) {
+  float shift[width];
+  for (int64_t j = 0; j < width; j += group) { /* each group's maximum, spread over its lanes */
+    float mx = row[j];
+    for (int64_t k = 1; k < group; ++k) mx = row[j + k] > mx ? row[j + k] : mx;
+    for (int64_t k = 0; k < group; ++k) shift[j + k] = mx;
+  }
+  int64_t i = 0;
+  for (; i + LANES <= width; i += LANES) store(row + i, vexp(load(row + i) - load(shift + i)));
+  for (; i < width; ++i) row[i] = expf(row[i] - shift[i]);
+  for (int64_t j = 0; j < width; j += group) {
+    float s = 0.f;
+    for (int64_t k = 0; k < group; ++k) s += row[j + k];
+    float inv = 1.0f / s;
+    for (int64_t k = 0; k < group; ++k) row[j + k] *= inv;
   }
 }
 
 /* x (rows, width) in place: LayerNorm(x) * gamma + beta, then softmax within consecutive groups of
  * `group` features (SimNorm). width must be a multiple of group. */
 void ln_simnorm(float *x, int64_t rows, int64_t width, const float *gamma, const float *beta, float eps, int64_t group) {
-  float shift[width];
   for (int64_t r = 0; r < rows; ++r) {
     float *row = x + r * width;
     ln_act_row(row, NULL, row, width, gamma, beta, 1.0f, eps, 0, NULL, NULL);
-    for (int64_t j = 0; j < width; j += group) { /* each group's maximum, spread over its lanes */
-      float mx = row[j];
-      for (int64_t k = 1; k < group; ++k) mx = row[j + k] > mx ? row[j + k] : mx;
-      for (int64_t k = 0; k < group; ++k) shift[j + k] = mx;
+    simnorm_row(row, width, group);
+  }
+}
+
+/* ---- MPPI value estimation: agent/rollout.py's PlanningKernels.step / pi / q_avg in one call ----
+ * GEMMs go to the BLAS sgemm the caller hands over (torch's own MKL); the rows are processed in
+ * blocks, so each layer's output is consumed by its fused epilogue and the next GEMM while it is
+ * still in cache, and blocks are spread over the OpenMP threads with single-threaded BLAS. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+typedef int (*set_threads_fn)(int);
+
+typedef struct {
+  const float *w;             /* (in, out) row-major: the layer's weight transposed */
+  const float *bias;          /* (out,), or (E, out) when per_env */
+  const float *gamma, *beta;  /* LayerNorm affine (out,); unused for an output layer */
+  int64_t in, out, per_env;
+} layer_t;
+
+typedef struct {
+  sgemm_fn sgemm;
+  set_threads_fn set_threads_local; /* MKL's mkl_set_num_threads_local, or NULL */
+  layer_t first;                    /* reward | dynamics first layers side by side: out = 2 * mlp, per env */
+  layer_t reward1, reward_out, next1, next_out;
+  layer_t pi0, pi1, pi_out;
+  layer_t q0[2], q1[2], q_out[2];   /* the two Q heads averaged */
+  int64_t latent, action, mlp, bins, simnorm, rows_per_env, horizon;
+  double discount;
+  float vmin, vmax, log_std_min, log_std_max, ln_eps;
+} value_net_t;
+
+/* c (rows, l->out) = a (rows, l->in; row stride lda) @ l->w */
+static void gemm(const value_net_t *net, const float *a, int64_t lda, const layer_t *l, float *c, int64_t rows) {
+  int m = (int)l->out, n = (int)rows, k = (int)l->in, ld_w = (int)l->out, ld_a = (int)lda, ld_c = (int)l->out;
+  float one = 1.0f, zero = 0.0f;
+  /* row-major C = A W is column-major C^T = W^T A^T */
+  net->sgemm("N", "N", &m, &n, &k, &one, l->w, &ld_w, a, &ld_a, &zero, c, &ld_c);
+}
+
+/* In place on c (rows, stride): columns [col, col + width) get act(LayerNorm(c + bias) * gamma + beta),
+ * bias / gamma / beta read from column `col` of the layer's (possibly per-env) parameters. */
+static void epilogue(const value_net_t *net, const layer_t *l, float *c, int64_t stride, int64_t col, int64_t width,
+                     int64_t rows, int64_t row0, int act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *add = l->per_env ? l->bias + ((row0 + r) / net->rows_per_env) * l->out : l->bias;
+    float *row = c + r * stride + col;
+    ln_act_row(row, add + col, row, width, l->gamma + col, l->beta + col, 1.0f, net->ln_eps, act, NULL, NULL);
+  }
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static int64_t block_scratch(const value_net_t *net, int64_t block) {
+  int64_t L = net->latent, A = net->action, M = net->mlp;
+  int64_t out = max64(max64(net->reward_out.out, net->q_out[0].out), max64(net->pi_out.out, L));
+  return block * ((L + A) + 2 * M + 2 * M + out + L + 2);
+}
+
+/* out[row0 : row0 + R] for one block of rows; see plan_values. */
+static void value_block(const value_net_t *net, const float *z, const float *actions, const float *mask,
+                        const float *eps, float *out, int64_t rows, int64_t row0, int64_t R, float *scratch) {
+  const int64_t L = net->latent, A = net->action, M = net->mlp, LA = L + A;
+  float *za = scratch, *h1 = za + R * LA, *h2 = h1 + R * 2 * M, *o = h2 + R * 2 * M;
+  int64_t out_w = max64(max64(net->reward_out.out, net->q_out[0].out), max64(net->pi_out.out, L));
+  float *zc = o + R * out_w, *ret = zc + R * L, *q = ret + R;
+  float step = (net->vmax - net->vmin) / (float)(net->bins - 1);
+  memcpy(zc, z + row0 * L, (size_t)(R * L) * sizeof(float));
+  for (int64_t r = 0; r < R; ++r) ret[r] = 0.0f;
+  double discount = 1.0;
+  for (int64_t t = 0; t < net->horizon; ++t) {
+    const float *a_t = actions + (t * rows + row0) * A;
+    for (int64_t r = 0; r < R; ++r) {
+      memcpy(za + r * LA, zc + r * L, (size_t)L * sizeof(float));
+      memcpy(za + r * LA + L, a_t + r * A, (size_t)A * sizeof(float));
     }
-    int64_t i = 0;
-    for (; i + LANES <= width; i += LANES) store(row + i, vexp(load(row + i) - load(shift + i)));
-    for (; i < width; ++i) row[i] = expf(row[i] - shift[i]);
-    for (int64_t j = 0; j < width; j += group) {
-      float s = 0.f;
-      for (int64_t k = 0; k < group; ++k) s += row[j + k];
-      float inv = 1.0f / s;
-      for (int64_t k = 0; k < group; ++k) row[j + k] *= inv;
+    gemm(net, za, LA, &net->first, h1, R);                   /* (R, 2M): reward | dynamics */
+    epilogue(net, &net->first, h1, 2 * M, 0, M, R, row0, 1);
+    epilogue(net, &net->first, h1, 2 * M, M, M, R, row0, 1);
+    gemm(net, h1, 2 * M, &net->reward1, h2, R);
+    epilogue(net, &net->reward1, h2, M, 0, M, R, row0, 1);
+    gemm(net, h1 + M, 2 * M, &net->next1, h2 + R * M, R);
+    epilogue(net, &net->next1, h2 + R * M, M, 0, M, R, row0, 1);
+    gemm(net, h2, M, &net->reward_out, o, R);
+    float d = (float)discount;
+    for (int64_t r = 0; r < R; ++r)
+      ret[r] += d * decode_row(o + r * net->reward_out.out, net->reward_out.bias, net->bins, net->vmin, step);
+    gemm(net, h2 + R * M, M, &net->next_out, zc, R);
+    for (int64_t r = 0; r < R; ++r) {
+      float *row = zc + r * L;
+      ln_act_row(row, net->next_out.bias, row, L, net->next_out.gamma, net->next_out.beta, 1.0f, net->ln_eps, 0, NULL, NULL);
+      simnorm_row(row, L, net->simnorm);
+    }
+    discount *= net->discount;
+  }
+  /* terminal action from the policy prior: tanh(mean + eps * exp(log_std)), masked */
+  gemm(net, zc, L, &net->pi0, h1, R);
+  epilogue(net, &net->pi0, h1, M, 0, M, R, row0, 1);
+  gemm(net, h1, M, &net->pi1, h2, R);
+  epilogue(net, &net->pi1, h2, M, 0, M, R, row0, 1);
+  gemm(net, h2, M, &net->pi_out, o, R);
+  const float *pb = net->pi_out.bias;
+  for (int64_t r = 0; r < R; ++r) {
+    const float *po = o + r * net->pi_out.out, *mr = mask + (row0 + r) * A, *er = eps + (row0 + r) * A;
+    memcpy(za + r * LA, zc + r * L, (size_t)L * sizeof(float));
+    for (int64_t j = 0; j < A; ++j) {
+      float mean = (po[j] + pb[j]) * mr[j];
+      float log_std = (net->log_std_min + 0.5f * (net->log_std_max - net->log_std_min) * (tanhf(po[A + j] + pb[A + j]) + 1.0f)) * mr[j];
+      za[r * LA + L + j] = tanhf(mean + er[j] * mr[j] * expf(log_std));
     }
   }
+  for (int64_t r = 0; r < R; ++r) q[r] = 0.0f;
+  for (int h = 0; h < 2; ++h) {
+    gemm(net, za, LA, &net->q0[h], h1, R);
+    epilogue(net, &net->q0[h], h1, M, 0, M, R, row0, 1);
+    gemm(net, h1, M, &net->q1[h], h2, R);
+    epilogue(net, &net->q1[h], h2, M, 0, M, R, row0, 1);
+    gemm(net, h2, M, &net->q_out[h], o, R);
+    for (int64_t r = 0; r < R; ++r)
+      q[r] += decode_row(o + r * net->q_out[h].out, net->q_out[h].bias, net->bins, net->vmin, step);
+  }
+  float d = (float)discount;
+  for (int64_t r = 0; r < R; ++r) out[row0 + r] = ret[r] + d * (q[r] / 2.0f);
+}
+
+/* Discounted model return over the horizon plus the terminal value (mean of two Q heads at the
+ * policy's action) for every sampled action sequence.
+ * z: (rows, latent) start latents; actions: (horizon, rows, action); mask, eps: (rows, action);
+ * out: (rows,). Rows are environment-major (row / rows_per_env is the environment of the per-env
+ * constants). Blocks of `block` rows run on `threads` OpenMP threads, BLAS single-threaded in each.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int plan_values(const value_net_t *net, const float *z, const float *actions, const float *mask, const float *eps,
+                float *out, int64_t rows, int64_t block, int threads) {
+  int64_t blocks = (rows + block - 1) / block;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int previous = net->set_threads_local ? net->set_threads_local(1) : 0;
+    float *scratch = (float *)malloc((size_t)block_scratch(net, block) * sizeof(float));
+    if (!scratch) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (!scratch) continue;
+      int64_t row0 = b * block, R = rows - row0 < block ? rows - row0 : block;
+      value_block(net, z, actions, mask, eps, out, rows, row0, R, scratch);
+    }
+    free(scratch);
+    if (net->set_threads_local) net->set_threads_local(previous);
+  }
+  return failed ? -1 : 0;
 }

@@ -40,8 +40,9 @@ _SIGNATURES = {
     "two_hot_decode": [_f32p, _i64, _f32p, _i64, _i64, _f32, _f32],
     "ln_simnorm": [_f32p, _i64, _i64, _f32p, _f32p, _f32, _i64],
     "plan_values": [ctypes.c_void_p, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, ctypes.c_int],
+    "gemm_selftest": [ctypes.c_void_p],
 }
-_RESTYPES = {"plan_values": ctypes.c_int}
+_RESTYPES = {"plan_values": ctypes.c_int, "gemm_selftest": ctypes.c_int}
 # below this many elements a call runs on one thread (waking the others costs more than it saves)
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
@@ -297,9 +298,11 @@ def _blas() -> tuple[int, int | None] | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def value_kernel_available() -> bool:
-    """Whether `ValueNet` can run here: the fused kernels plus torch's BLAS entry points."""
-    return available() and _blas() is not None
+    """Whether `ValueNet` can run here: the fused kernels plus torch's BLAS entry points, checked
+    on a small product."""
+    return available() and _blas() is not None and _library().gemm_selftest(_blas()[0]) == 1
 
 
 class Dense:

@@ -11,6 +11,9 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#ifdef __SSE__
+#include <xmmintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 static inline int thread_index(void) { return omp_get_thread_num(); }
@@ -338,8 +341,11 @@ void ln_simnorm(float *x, int64_t rows, int64_t width, const float *gamma, const
  * GEMMs go to the BLAS sgemm the caller hands over (torch's own MKL); the rows are processed in
  * blocks, so each layer's output is consumed by its fused epilogue and the next GEMM while it is
  * still in cache, and blocks are spread over the OpenMP threads with single-threaded BLAS. */
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
-                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+/* Fortran BLAS sgemm_. Its integer arguments are passed as pointers to int64_t holding small
+ * values, which reads correctly as 32-bit (LP64) or 64-bit (ILP64) integers on little-endian CPUs. */
+typedef void (*sgemm_fn)(const char *, const char *, const int64_t *, const int64_t *, const int64_t *, const float *,
+                         const float *, const int64_t *, const float *, const int64_t *, const float *, float *,
+                         const int64_t *);
 typedef int (*set_threads_fn)(int);
 
 typedef struct {
@@ -363,7 +369,7 @@ typedef struct {
 
 /* c (rows, l->out) = a (rows, l->in; row stride lda) @ l->w */
 static void gemm(const value_net_t *net, const float *a, int64_t lda, const layer_t *l, float *c, int64_t rows) {
-  int m = (int)l->out, n = (int)rows, k = (int)l->in, ld_w = (int)l->out, ld_a = (int)lda, ld_c = (int)l->out;
+  int64_t m = l->out, n = rows, k = l->in, ld_w = l->out, ld_a = lda, ld_c = l->out;
   float one = 1.0f, zero = 0.0f;
   /* row-major C = A W is column-major C^T = W^T A^T */
   net->sgemm("N", "N", &m, &n, &k, &one, l->w, &ld_w, a, &ld_a, &zero, c, &ld_c);
@@ -454,6 +460,25 @@ static void value_block(const value_net_t *net, const float *z, const float *act
   for (int64_t r = 0; r < R; ++r) out[row0 + r] = ret[r] + d * (q[r] / 2.0f);
 }
 
+/* 1 when `sgemm` multiplies a small row-major (3, 5) @ (5, 4) product exactly as a plain loop. */
+int gemm_selftest(sgemm_fn sgemm) {
+  float a[15], w[20], c[12];
+  for (int i = 0; i < 15; ++i) a[i] = (float)(i % 7) - 3.0f;
+  for (int i = 0; i < 20; ++i) w[i] = (float)(i % 5) - 1.5f;
+  value_net_t net;
+  memset(&net, 0, sizeof net);
+  net.sgemm = sgemm;
+  layer_t l = {w, NULL, NULL, NULL, 5, 4, 0};
+  gemm(&net, a, 5, &l, c, 3);
+  for (int r = 0; r < 3; ++r)
+    for (int j = 0; j < 4; ++j) {
+      float expected = 0.0f;
+      for (int k = 0; k < 5; ++k) expected += a[r * 5 + k] * w[k * 4 + j];
+      if (fabsf(c[r * 4 + j] - expected) > 1e-4f) return 0;
+    }
+  return 1;
+}
+
 /* Discounted model return over the horizon plus the terminal value (mean of two Q heads at the
  * policy's action) for every sampled action sequence.
  * z: (rows, latent) start latents; actions: (horizon, rows, action); mask, eps: (rows, action);
@@ -466,6 +491,11 @@ int plan_values(const value_net_t *net, const float *z, const float *actions, co
   int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
+#ifdef __SSE__
+    /* flush denormals (SimNorm's exp makes them; they are ~20x slower), as the torch path does */
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
+#endif
     int previous = net->set_threads_local ? net->set_threads_local(1) : 0;
     float *scratch = (float *)malloc((size_t)block_scratch(net, block) * sizeof(float));
     if (!scratch) {
@@ -480,6 +510,9 @@ int plan_values(const value_net_t *net, const float *z, const float *actions, co
     }
     free(scratch);
     if (net->set_threads_local) net->set_threads_local(previous);
+#ifdef __SSE__
+    _mm_setcsr(csr);
+#endif
   }
   return failed ? -1 : 0;
 }

@@ -36,12 +36,12 @@ class Agent:
         self.discount = discount_for(self.cfg.episode_length, self.cfg.discount_denom, self.cfg.discount_min,
                                      self.cfg.discount_max)
         self._prev_mean: torch.Tensor | None = None  # (E, horizon, action_dim)
-        # rows per value-estimation chunk (at most; fewer when that leaves a worker idle). With the
-        # fused epilogues, larger GEMMs beat keeping activations in L2.
-        self.chunk_rows = 2048
-        # value-estimation chunks run on this many threads, each with single-threaded torch ops
-        # (small GEMMs scale poorly across cores; independent chunks scale well). None: torch's thread count.
+        # threads for value estimation (None: torch's thread count): OpenMP threads of the native
+        # one-call estimate, or, on the torch path, Python threads each running chunks of rows with
+        # single-threaded torch ops (small GEMMs scale poorly across cores; independent chunks scale well)
         self.workers: int | None = None
+        # torch path only: rows per chunk (at most; fewer when that leaves a worker idle)
+        self.chunk_rows = 2048
         self.seed = seed
         self._env_keys: list[int] | None = None
         self._streams: list[torch.Generator] | None = None

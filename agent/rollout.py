@@ -9,7 +9,8 @@ model's own heads, fewer FLOPs.
 Rows are laid out environment-major: a tensor of N = E * R rows holds R rows per environment. A call
 for the environments `envs` gets their rows only; a chunk of rows inside one environment passes
 that single environment as `envs`. The element-wise epilogues (constant add, LayerNorm, Mish,
-SimNorm, two-hot decode) run in the fused kernels of `agent.native` when they are available.
+SimNorm, two-hot decode) run in the fused kernels of `agent.native` when they are available, and
+`value_net` hands the same weights to `native.ValueNet`, which does a whole value estimate in one call.
 """
 from __future__ import annotations
 

@@ -4,13 +4,16 @@ for one batch of task ids. Same functions as `WorldModel.encode / next / reward 
 * the task embedding is looked up once per batch, and its product with each head's first-layer
   weights (plus the bias) is computed once per batch row instead of being concatenated to every
   input row (first layer = z @ W_z.T + a @ W_a.T + (emb @ W_e.T + b));
-* the Q ensemble's first layer is one GEMM for all heads (shared input); the per-head LayerNorm
-  affine is one fused multiply-add;
-* Mish is computed as x * n / (n + 2), n = e^x (e^x + 2) (one exp instead of exp, log1p and
-  tanh; ~1e-7 relative), by default fused by torch.compile (`use_compiled_mish`), else as an
-  eager chain whose backward reuses e^x and tanh(softplus(x)) from the forward;
+* LayerNorm + Mish run as one fused native kernel forward and backward (`agent.native`,
+  `use_native_kernels`); the Q ensemble's first layer is one GEMM for all heads (shared input)
+  and its per-head LayerNorm + Mish reads that (N, heads, D) output and writes (heads, N, D)
+  directly, so no transposed copies are made;
+* without the native kernels: torch's LayerNorm, and Mish as x * n / (n + 2), n = e^x (e^x + 2)
+  (one exp instead of exp, log1p and tanh; ~1e-7 relative), fused by torch.compile
+  (`use_compiled_mish`) or as an eager chain whose backward reuses e^x and tanh(softplus(x));
 * dropout draws the gaps between dropped elements (geometric) instead of one Bernoulli per
-  element: the same i.i.d. Bernoulli(p) mask at ~1% of the random draws (p = 0.01).
+  element: the same i.i.d. Bernoulli(p) mask at ~1% of the random draws (p = 0.01); the kept units'
+  1 / (1 - p) is applied inside the LayerNorm kernel.
 
 Dropout (Q ensemble, first layer) follows the model's train/eval mode and draws from the torch
 RNG stream (so a restored RNG state reproduces it), but not the same numbers as nn.Dropout.

@@ -1,14 +1,24 @@
-"""Fused CPU kernels (kernels.c) for the element-wise work between the world model's GEMMs.
+"""Fused CPU kernels (kernels.c) for the element-wise work between the world model's GEMMs, and
+the planner's whole value estimate in one call.
 
 Between two small matrix products TD-MPC2 runs LayerNorm, Mish, SimNorm and the two-hot decode as
 chains of separate torch ops, each a full pass over memory; on CPU they cost about as much as the
-GEMMs themselves. kernels.c does each chain in one pass per row. It is compiled with the system C
-compiler on first use (-O3 -march=native, ~1 s) into a cache keyed by source, compiler and CPU
-(`$DISTILL_NATIVE_CACHE`, default ~/.cache/distill-sweeps/native) and loaded with ctypes.
+GEMMs themselves. kernels.c does each chain in one pass per row, forward and backward, for single
+layers and for ensembles with one affine per head (`ln_act`, `layer_norm_act`). `ValueNet` runs
+MPPI's value estimate (horizon dynamics/reward steps, the policy's terminal action, two Q heads)
+for every sampled row in one call: GEMMs through torch's own BLAS (`sgemm_`, MKL in the x86
+wheels), epilogues fused, blocks of rows on OpenMP threads.
+
+The library is compiled with the system C compiler on first use (-O3 -march=native, ~1 s) into a
+cache keyed by source, compiler, flags and CPU (`$DISTILL_NATIVE_CACHE`, default
+~/.cache/distill-sweeps/native) and loaded with ctypes; its functions release the GIL. Where torch
+runs on GNU OpenMP (its Linux wheels) the library is built with -fopenmp and shares torch's
+thread pool: large calls use torch.get_num_threads() threads.
 
 Everything here is optional: `available()` is False when there is no compiler, the platform is not
-supported, or `DISTILL_NATIVE=0`; callers then use the equivalent torch ops. Inputs must be
-contiguous float32 CPU tensors (checked). The C functions release the GIL while they run.
+supported, or `DISTILL_NATIVE=0`, and `value_kernel_available()` also needs torch's BLAS entry
+points; callers then use the equivalent torch ops. Inputs must be contiguous float32 CPU tensors
+(checked).
 """
 from __future__ import annotations
 

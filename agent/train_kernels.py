@@ -33,24 +33,18 @@ from agent.math import two_hot_inv
 from agent.world_model import WorldModel
 
 
-def _drop_positions(n: int, p: float) -> torch.Tensor:
-    """Positions in [0, n) of an i.i.d. Bernoulli(p) drop mask, drawn as geometric gaps between
-    dropped positions (cheap for small p)."""
+def drop_positions(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Flat positions in [0, n) dropped by an i.i.d. Bernoulli(p) mask (int64, ascending), drawn
+    from the torch RNG as geometric gaps between dropped positions (cheap for small p)."""
+    if p <= 0:
+        return torch.empty(0, dtype=torch.long, device=device)
     expected = n * p
     draws = int(expected + 6 * math.sqrt(expected) + 16)
     positions = torch.empty(draws, dtype=torch.float64).geometric_(p).cumsum_(0).sub_(1)
     while positions[-1] < n:  # essentially never: extend until the sequence passes the end
         more = torch.empty(draws, dtype=torch.float64).geometric_(p).cumsum_(0).add_(positions[-1])
         positions = torch.cat([positions, more])
-    return positions[positions < n].long()
-
-
-def drop_(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Zero the dropped units of x in place: the mask of inverted dropout without its 1 / (1 - p)
-    (the Q ensemble's fused LayerNorm applies that)."""
-    if p <= 0:
-        return x
-    return x.view(-1).index_fill_(0, _drop_positions(x.numel(), p).to(x.device), 0.0).view(x.shape)
+    return positions[positions < n].long().to(device)
 
 
 def _mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,14 +150,17 @@ def _hidden(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return mish(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps))
 
 
-def _ensemble_hidden(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, scale: float = 1.0,
-                     transpose_heads: bool = False) -> torch.Tensor:
-    """Mish(LayerNorm(scale * x) * gamma[h] + beta[h]) of an ensemble layer's linear output, per head h.
-    x: (num, N, D), or (N, num, D) with `transpose_heads`; gamma, beta: (num, D). -> (num, N, D)."""
+def _ensemble_hidden(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, dropped: torch.Tensor | None = None,
+                     p: float = 0.0, transpose_heads: bool = False) -> torch.Tensor:
+    """Mish(LayerNorm(dropout(x)) * gamma[h] + beta[h]) of an ensemble layer's linear output, per head h.
+    x: (num, N, D), or (N, num, D) with `transpose_heads`; gamma, beta: (num, D) -> (num, N, D).
+    dropped: flat positions of x zeroed by dropout with rate p (kept units scaled by 1 / (1 - p)), or None.
+    The native path zeroes them in x itself: x must be a temporary that nothing else reads."""
+    scale = 1.0 / (1.0 - p) if dropped is not None else 1.0
     if _native_hidden and native.usable(gamma, beta) and x.dtype == torch.float32 and x.device.type == "cpu":
-        return native.layer_norm_act(x, gamma, beta, 1e-5, native.MISH, scale, transpose_heads)
-    if scale != 1.0:
-        x = x * scale
+        return native.layer_norm_act(x, gamma, beta, 1e-5, native.MISH, scale, transpose_heads, dropped)
+    if dropped is not None:  # out of place: an in-place fill on a view costs autograd several copies
+        x = x.reshape(-1).index_fill(0, dropped, 0.0).view(x.shape) * scale
     if transpose_heads:
         x = x.transpose(0, 1)
     shape = (gamma.shape[0],) + (1,) * (x.dim() - 2) + (gamma.shape[1],)
@@ -252,10 +249,11 @@ class BatchKernels:
         const = self._task_const(w0_flat, b0.reshape(-1), L)   # (B, num * out0)
         y = self._first(z, a, w0_flat, const).reshape(-1, num, out0)  # (N, num, out0)
         first = layers[0]
-        scale = 1.0
-        if first.dropout is not None and first.training:  # zero the dropped units; LayerNorm applies 1 / (1 - p)
-            y, scale = drop_(y, first.dropout.p), 1.0 / (1.0 - first.dropout.p)
-        x = _ensemble_hidden(y, g0, beta0, scale, transpose_heads=True)     # (num, N, out0)
+        dropped, p = None, 0.0
+        if first.dropout is not None and first.training and first.dropout.p > 0:
+            p = first.dropout.p
+            dropped = drop_positions(y.numel(), p, y.device)
+        x = _ensemble_hidden(y, g0, beta0, dropped, p, transpose_heads=True)     # (num, N, out0)
         for layer, (w, b, g, beta) in zip(layers[1:], params[1:]):
             x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
             if layer.normed:

@@ -228,23 +228,26 @@ def two_hot_decode(logits: torch.Tensor, vmin: float, vmax: float, bins: int | N
 
 class LayerNormAct(torch.autograd.Function):
     """act(LayerNorm(scale * x) * gamma + beta) with a fused forward and backward (training); gamma
-    (D,) or (H, D) per head, layouts as `ln_act`. Saves x and the row statistics, recomputes the
-    rest in the backward pass."""
+    (D,) or (H, D) per head, layouts as `ln_act`. `dropped`: flat positions of x to zero first
+    (dropout; x is zeroed there in place, so it must be a temporary). Saves x and the row
+    statistics, recomputes the rest in the backward pass."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, act: int, scale: float,
-                transpose_heads: bool) -> torch.Tensor:
+                transpose_heads: bool, dropped: torch.Tensor | None) -> torch.Tensor:
         x, gamma, beta = x.contiguous(), gamma.contiguous(), beta.contiguous()
+        if dropped is not None:
+            x.view(-1).index_fill_(0, dropped, 0.0)
         items = x.numel() // x.shape[-1]
         mean, rstd = torch.empty(items), torch.empty(items)
         out = ln_act(x, gamma, beta, eps, act, stats=(mean, rstd), scale=scale, transpose_heads=transpose_heads)
-        ctx.save_for_backward(x, gamma, beta, mean, rstd)
+        ctx.save_for_backward(x, gamma, beta, mean, rstd, dropped)
         ctx.act, ctx.scale, ctx.transpose_heads = act, scale, transpose_heads
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, gamma, beta, mean, rstd = ctx.saved_tensors
+        x, gamma, beta, mean, rstd, dropped = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         heads = gamma.shape[0] if gamma.dim() == 2 else 1
         rows, width, x_rs, x_hs = _layout(x, heads, ctx.transpose_heads)
@@ -258,17 +261,22 @@ class LayerNormAct(torch.autograd.Function):
         _library().ln_act_backward(_ptr(x), _ptr(grad_out), _ptr(grad_x), rows, heads, width, x_rs, x_hs, g_rs, g_hs,
                                    _ptr(mean), _ptr(rstd), _ptr(gamma), _ptr(beta), float(ctx.scale), ctx.act,
                                    _ptr(grad_affine), threads)
+        if dropped is not None:
+            grad_x.view(-1).index_fill_(0, dropped, 0.0)
+        none = (None,) * 5
         if not want_affine:
-            return grad_x, None, None, None, None, None, None
+            return (grad_x, None, None) + none
         grad_gamma, grad_beta = grad_affine.sum(0) if threads > 1 else grad_affine[0]
-        return grad_x, grad_gamma, grad_beta, None, None, None, None
+        return (grad_x, grad_gamma, grad_beta) + none
 
 
 def layer_norm_act(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
-                   act: int = MISH, scale: float = 1.0, transpose_heads: bool = False) -> torch.Tensor:
+                   act: int = MISH, scale: float = 1.0, transpose_heads: bool = False,
+                   dropped: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable act(LayerNorm(scale * x) * gamma + beta) over the last dim through the fused
-    kernels; gamma / beta (D,) or (H, D) for H heads (layouts as `ln_act`)."""
-    return LayerNormAct.apply(x, gamma, beta, eps, act, scale, transpose_heads)
+    kernels; gamma / beta (D,) or (H, D) for H heads (layouts as `ln_act`); dropped: flat positions
+    of x zeroed first, in place (see LayerNormAct)."""
+    return LayerNormAct.apply(x, gamma, beta, eps, act, scale, transpose_heads, dropped)
 
 
 # -- MPPI value estimation in one call ----------------------------------------------------------

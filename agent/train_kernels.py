@@ -208,8 +208,8 @@ class BatchKernels:
             out = x2 @ w_x
         else:  # the action product enters the GEMM as its accumulator
             out = torch.addmm(a.reshape(-1, a.shape[-1]) @ weight[:, weight.shape[1] - a.shape[-1]:].T, x2, w_x)
-        out = out.view(*lead, -1)
-        return out.add_(const)  # addmm does not keep its output for backward: in place is safe
+        # out of place: an in-place add on this view would make autograd copy the tensor four times
+        return out.view(*lead, -1) + const
 
     # -- heads ----------------------------------------------------------------------------------
     def encode(self, obs: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from agent.config import ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, LatentProjection, PcaProjection, fit_pca, teacher_latents
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
+from agent.runtime import keep_freed_memory
 from agent.scale import RunningScale
 from agent.train_kernels import heads_for, use_compiled_mish
 from agent.world_model import WorldModel
@@ -55,6 +56,7 @@ class Trainer:
     def __init__(self, model: WorldModel, cfg: TrainConfig | None = None, batch_source: Callable[[], Any] | None = None,
                  teacher: WorldModel | None = None, *, pca: PcaProjection | None = None, cached_teacher: bool = False):
         self.cfg = (cfg or TrainConfig()).validate()
+        keep_freed_memory()  # an update frees and reallocates many ~1 MB tensors: without this, ~6,000 page faults each
         self.model = model
         self.batch_source = batch_source
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None

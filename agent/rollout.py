@@ -128,7 +128,6 @@ class PlanningKernels:
         """`native.ValueNet` doing step x horizon + pi + q_avg(heads) in one call, or None where the
         native kernels (or torch's BLAS entry points) are unavailable or the weights are not on CPU.
         heads: (2,) Q head indices."""
-        m, cfg = self.model, self.cfg
         key = (tuple(sorted(heads.tolist())), rows_per_env, horizon, discount)  # a + b == b + a: order is moot
         if key in self._value_nets:
             return self._value_nets[key]
@@ -142,8 +141,8 @@ class PlanningKernels:
             return None
         dense = native.Dense
 
-        def hidden(layer, bias=None):
-            return dense(layer.weight.T, layer.bias if bias is None else bias, layer.ln.weight, layer.ln.bias)
+        def hidden(layer):
+            return dense(layer.weight.T, layer.bias, layer.ln.weight, layer.ln.bias)
 
         rew0, dyn0, q_layers = m._reward[0], m._dynamics[0], m._Qs.layers
         q0, q1 = [], []

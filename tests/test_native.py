@@ -188,22 +188,22 @@ def test_threaded_planning_equals_single_worker(monkeypatch, value_kernel):
 
 
 @needs_native
-@pytest.mark.parametrize("threads,block", [(1, 128), (2, 7), (3, 1000)])
-def test_native_value_estimate_equals_torch_chunks(monkeypatch, threads, block):
+@pytest.mark.parametrize("threads,block,multitask", [(1, 128, True), (2, 7, True), (3, 1000, True), (2, 16, False)])
+def test_native_value_estimate_equals_torch_chunks(monkeypatch, threads, block, multitask):
     """native.ValueNet (horizon steps + policy action + mean of two Q heads in one call) gives the
-    torch chunk path's values for several tasks, whatever the thread count and the block size
-    (blocks that cut across environments included)."""
+    torch chunk path's values for several tasks (or a single-task model), whatever the thread
+    count and the block size (blocks that cut across environments included)."""
     if not native.value_kernel_available():
         pytest.skip("torch exports no BLAS entry points here")
     from agent.rollout import PlanningKernels
 
-    model = small_model(0, noise=0.3).eval()
-    task, samples, horizon = torch.tensor([3, 0, 16]), 40, 3
+    model = small_model(0, noise=0.3, **({} if multitask else dict(tasks=["cartpole-balance"], task_dim=0))).eval()
+    task, samples, horizon = (torch.tensor([3, 0, 16]) if multitask else None), 40, 3
     agent = Agent(model, seed=0, num_samples=samples, num_elites=8, num_pi_trajs=6, horizon=horizon)
     g = torch.Generator().manual_seed(6)
     nets = PlanningKernels(model, task, 3)
     z = nets.encode(torch.randn(3, 24, generator=g), task).repeat_interleave(samples, 0)
-    mask = model.action_mask(task).repeat_interleave(samples, 0)
+    mask = model.action_mask(task).repeat_interleave(samples, 0) if multitask else torch.ones(3 * samples, 6)
     actions = (torch.rand(horizon, 3 * samples, 6, generator=g) * 2 - 1) * mask
     eps = torch.randn(3 * samples, 6, generator=g)
     heads = torch.tensor([2, 0])

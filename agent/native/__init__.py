@@ -137,9 +137,14 @@ def available() -> bool:
     return _library() is not None
 
 
+def _fits(t: torch.Tensor) -> bool:
+    # is_cpu / `is` instead of device.type / ==: this runs several times per kernel call
+    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """available() and every tensor is a contiguous float32 CPU tensor."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and available()
+    return all(_fits(t) for t in tensors) and available()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -148,8 +153,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _check(*tensors: torch.Tensor | None) -> None:
     for t in tensors:
-        if t is not None and not (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()):
+        if t is not None and not _fits(t):
             raise ValueError("native kernels take contiguous float32 CPU tensors")
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _threads(items: int, width: int) -> int:
@@ -235,7 +244,7 @@ class LayerNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, act: int, scale: float,
                 transpose_heads: bool, dropped: torch.Tensor | None) -> torch.Tensor:
-        x, gamma, beta = x.contiguous(), gamma.contiguous(), beta.contiguous()
+        x, gamma, beta = _contiguous(x), _contiguous(gamma), _contiguous(beta)
         if dropped is not None:
             x.view(-1).index_fill_(0, dropped, 0.0)
         items = x.numel() // x.shape[-1]
@@ -248,7 +257,7 @@ class LayerNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, gamma, beta, mean, rstd, dropped = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        grad_out = _contiguous(grad_out)
         heads = gamma.shape[0] if gamma.dim() == 2 else 1
         rows, width, x_rs, x_hs = _layout(x, heads, ctx.transpose_heads)
         _, _, g_rs, g_hs = _layout(grad_out, heads, False)

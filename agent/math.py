@@ -29,10 +29,9 @@ def two_hot(x: torch.Tensor, num_bins: int = 101, vmin: float = -10.0, vmax: flo
     idx = torch.floor(pos)
     frac = (pos - idx).unsqueeze(-1)
     idx = idx.long().unsqueeze(-1)
+    # out-of-place scatters: the population executor runs this under torch.func.vmap
     out = torch.zeros(*s.shape, num_bins, device=x.device, dtype=x.dtype)
-    out.scatter_(-1, idx, 1 - frac)
-    out.scatter_add_(-1, (idx + 1) % num_bins, frac)
-    return out
+    return out.scatter(-1, idx, 1 - frac).scatter_add(-1, (idx + 1) % num_bins, frac)
 
 
 def two_hot_inv(logits: torch.Tensor, vmin: float = -10.0, vmax: float = 10.0) -> torch.Tensor:

@@ -25,11 +25,15 @@ class RunningScale:
         out = ordered[lower.long()] * (1.0 - w_upper) + ordered[upper.long()] * w_upper
         return out.reshape(-1, *x.shape[1:]).to(x.dtype)
 
+    def advanced(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The value after one update with samples x (N, ...), without touching `self`: a pure
+        function of (value, x), so population executors can run it under torch.func.vmap."""
+        low, high = self._percentile(x.detach())
+        return torch.lerp(value.to(x), torch.clamp(high - low, min=1.0), self.tau)
+
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        low, high = self._percentile(x.detach())
-        self.value = self.value.to(x.device)
-        self.value.lerp_(torch.clamp(high - low, min=1.0), self.tau)
+        self.value = self.advanced(self.value, x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.value

@@ -72,16 +72,11 @@ class Trainer:
             raise ConfigError(f"distillation target {self.target!r} needs a live teacher")
 
         c = self.cfg
-        groups = [
-            {"params": list(model._encoder.parameters()), "lr": c.lr * c.enc_lr_scale},
-            {"params": list(model._dynamics.parameters())},
-            {"params": list(model._reward.parameters())},
-            {"params": list(model._Qs.parameters())},
-            {"params": list(model._task_emb.parameters()) if model.multitask else []},
-            {"params": list(self.projection.parameters()) if self.projection is not None else []},
-        ]
+        named = dict(model.named_parameters())
+        groups = model_param_groups(named, c) + [
+            {"params": list(self.projection.parameters()) if self.projection is not None else []}]
         self._model_params = [p for g in groups for p in g["params"]]
-        self._pi_params = list(model._pi.parameters())
+        self._pi_params = [named[n] for n in policy_param_names(named)]
         # fused: one vectorised kernel per tensor (~4x faster than the per-op loop on CPU)
         self.optim = torch.optim.Adam(groups, lr=c.lr, fused=c.fused_adam)
         self.pi_optim = torch.optim.Adam(self._pi_params, lr=c.lr, eps=c.pi_adam_eps, fused=c.fused_adam)
@@ -155,25 +150,15 @@ class Trainer:
         """Upstream policy loss: mean_t rho^t mean_b (-(entropy_coef * scaled_entropy + Q / scale))
         (or TD-MPC-Opt's entropy_coef * log_pi - Q / scale, see LossConfig.policy_entropy)."""
         c = self.cfg
-        # fresh heads: the task embedding was just updated; detached: this loss trains the policy only
-        heads = heads_for(self.model, task, c.fast_kernels, detach_emb=True)
-        action, info = heads.pi(zs, eps=eps)
-        q = heads.q_value(zs, action, "avg", detach=True)    # (H+1, B, 1)
-        self.scale.update(q[0])
-        q = self.scale(q)
-        rho = c.loss.rho ** torch.arange(q.shape[0], dtype=q.dtype, device=q.device)
-        if c.loss.policy_entropy == "upstream":
-            per_sample = -(c.loss.entropy_coef * info["scaled_entropy"] + q)
-        else:
-            per_sample = c.loss.entropy_coef * td_mpc_opt_log_prob(self.model, info, action, task) - q
-        pi_loss = (per_sample.mean(dim=(1, 2)) * rho).mean()
+        pi_loss, self.scale.value, entropy = policy_objective(self.model, zs, task, eps, self.scale, self.scale.value,
+                                                              c.loss, c.fast_kernels)
         loss = pi_loss if extra_loss is None else pi_loss + extra_loss
         loss.backward()
         pi_grad_norm = torch.nn.utils.clip_grad_norm_(self._pi_params, c.grad_clip_norm)
         self.pi_optim.step()
         self.pi_optim.zero_grad(set_to_none=True)
         return {"pi_loss": float(pi_loss.detach()), "pi_grad_norm": float(pi_grad_norm),
-                "pi_scale": float(self.scale.value), "pi_entropy": float(info["entropy"].detach().mean())}
+                "pi_scale": float(self.scale.value), "pi_entropy": float(entropy)}
 
     def _to_device(self, b: TrainBatch) -> TrainBatch:
         device = self._device
@@ -253,6 +238,53 @@ class Trainer:
         """Restore the state saved by `save` into this trainer (same model config and setup)."""
         self.load_state_dict(read_checkpoint(path))
         return self
+
+
+# The model optimizer's parameter groups, in order; the encoder learns at lr * enc_lr_scale. The
+# policy prior has its own optimizer and the target Q heads are Polyak copies (no group).
+MODEL_GROUPS: tuple[str, ...] = ("_encoder", "_dynamics", "_reward", "_Qs", "_task_emb")
+POLICY_GROUP = "_pi"
+
+
+def model_param_groups(named: dict[str, Any], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Adam groups of the model optimizer over `named` (WorldModel parameter name -> tensor, in
+    `named_parameters()` order; tensors may carry a leading population dim)."""
+    groups = []
+    for prefix in MODEL_GROUPS:
+        group: dict[str, Any] = {"params": [p for n, p in named.items() if n.startswith(prefix + ".")]}
+        if prefix == "_encoder":
+            group["lr"] = cfg.lr * cfg.enc_lr_scale
+        groups.append(group)
+    return groups
+
+
+def policy_param_names(named: dict[str, Any]) -> list[str]:
+    return [n for n in named if n.startswith(POLICY_GROUP + ".")]
+
+
+def policy_objective(model: WorldModel, zs: torch.Tensor, task: torch.Tensor | None, eps: torch.Tensor | None,
+                     scale: RunningScale, scale_value: torch.Tensor, loss_cfg: Any, fast: bool):
+    """The policy prior's loss on a detached latent rollout.
+
+    zs (H+1, B, L), task (B,), eps (H+1, B, A) policy noise (drawn if None), scale_value (1,): the
+    RunningScale value before this step. Upstream loss: mean_t rho^t mean_b (-(entropy_coef *
+    scaled_entropy + Q / scale)) (or TD-MPC-Opt's entropy_coef * log_pi - Q / scale, see
+    LossConfig.policy_entropy), Q the mean of two random heads, without gradient to the Q heads.
+    Returns (loss (), scale value after this step (1,), mean entropy ()). Pure in `scale`, so it
+    runs under torch.func.vmap for populations.
+    """
+    # fresh heads: the task embedding was just updated; detached: this loss trains the policy only
+    heads = heads_for(model, task, fast, detach_emb=True)
+    action, info = heads.pi(zs, eps=eps)
+    q = heads.q_value(zs, action, "avg", detach=True)    # (H+1, B, 1)
+    value = scale.advanced(scale_value, q[0])
+    q = q / value
+    rho = loss_cfg.rho ** torch.arange(q.shape[0], dtype=q.dtype, device=q.device)
+    if loss_cfg.policy_entropy == "upstream":
+        per_sample = -(loss_cfg.entropy_coef * info["scaled_entropy"] + q)
+    else:
+        per_sample = loss_cfg.entropy_coef * td_mpc_opt_log_prob(model, info, action, task) - q
+    return (per_sample.mean(dim=(1, 2)) * rho).mean(), value, info["entropy"].detach().mean()
 
 
 def td_mpc_opt_log_prob(model: WorldModel, info: dict[str, torch.Tensor], action: torch.Tensor,

@@ -1,0 +1,326 @@
+"""Population training: K students of one architecture trained as one batch in one process.
+
+Every parameter, Adam moment and target-Q copy carries a leading member dim K. The update is the
+reference one (`agent.losses.compute_losses` and `agent.train.policy_objective` on the reference
+`WorldModel` methods), run by `torch.func`: `functional_call` puts member k's parameters into one
+shared module, `grad` differentiates, `vmap` batches over the K members. No second definition of
+the network exists here; a member trains exactly as `agent.train.Trainer(fast_kernels=False)`
+would train it on the same batches and noise (tests/test_population.py pins it).
+
+Each member has its own batch source (own seed, own cached teacher targets) and its own torch
+Generator for the policy noise of the TD target and of the policy loss; dropout and the random
+Q-head pair (num_q > 2) draw from torch's global generator, independently per member
+(vmap randomness="different").
+
+    pop = Population([student_1, ..., student_K], TrainConfig(...), [source_1, ..., source_K], seeds=[1, ..., K])
+    pop.train(1000)                  # -> per-member metrics
+    pop.member(k)                    # WorldModel with member k's weights (for evaluation / saving)
+    pop.save("pop.pt"); pop.load("pop.pt")
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from agent.checkpoint import atomic_torch_save, read_checkpoint
+from agent.config import ModelConfig, TrainConfig
+from agent.distill import CACHEABLE, TeacherTargets
+from agent.errors import CheckpointError, ConfigError
+from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
+from agent.runtime import keep_freed_memory
+from agent.scale import RunningScale
+from agent.train import model_param_groups, policy_objective, policy_param_names
+from agent.world_model import WorldModel
+
+POPULATION_FORMAT = "distill-sweeps/population"
+POPULATION_VERSION = 1
+TARGET_PREFIX, ONLINE_Q_PREFIX = "_target_Qs.", "_Qs."
+# Targets whose loss trains only the model parameters from cached or live teacher outputs. `policy`
+# (trains the policy prior inside the model loss) and `latent_linear` (a trainable projection) are
+# served by separate Trainers.
+POPULATION_TARGETS = (None, "reward", "reward_observed", "reward_multistep", "value", "latent_pca")
+
+
+class _ModelLoss(nn.Module):
+    """The model loss of one member as a module call (what functional_call needs): returns
+    (weighted total (), unweighted terms {name: ()}, latent rollout zs (H+1, B, L))."""
+
+    def __init__(self, model: WorldModel, teacher: WorldModel | None, target: str | None, cfg: TrainConfig, pca: Any):
+        super().__init__()
+        self.model, self.cfg, self.target, self.pca = model, cfg, target, pca
+        self.teacher = [teacher]  # a list: not a registered submodule, so functional_call leaves it alone
+
+    def forward(self, obs, action, reward, task, teacher_reward, teacher_latent, eps_td, discount):
+        cached = TeacherTargets(reward=teacher_reward, latent=teacher_latent)
+        batch = TrainBatch(obs, action, reward, task, cached if teacher_reward is not None or teacher_latent is not None else None)
+        c = self.cfg
+        out = compute_losses(self.model, batch, self.teacher[0], self.target, loss_cfg=c.loss, discount=discount,
+                             eps_td=eps_td, pca=self.pca, fast=False)
+        t = out.terms
+        total = c.loss.consistency_coef * t["consistency"] + c.loss.reward_coef * t["reward"] \
+            + c.loss.value_coef * t["value"] + c.distill.d_coef * t["distill"]
+        return total, (t, out.zs)
+
+
+class _PolicyLoss(nn.Module):
+    """The policy prior's loss of one member (agent.train.policy_objective) as a module call."""
+
+    def __init__(self, model: WorldModel, cfg: TrainConfig, scale: RunningScale):
+        super().__init__()
+        self.model, self.cfg, self.scale = model, cfg, scale
+
+    def forward(self, zs, task, eps_pi, scale_value):
+        loss, value, entropy = policy_objective(self.model, zs, task, eps_pi, self.scale, scale_value, self.cfg.loss,
+                                                fast=False)
+        return loss, (value, entropy)
+
+
+def _stack(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if values[0] is None else torch.stack(list(values))
+
+
+class Population:
+    """K students (same ModelConfig) trained as one batch; see the module docstring.
+
+    models: K WorldModels (their weights are copied in; the objects are not trained in place).
+    cfg: the members' shared TrainConfig (its `seed` is unused: `seeds` seed the noise generators).
+    batch_sources: K zero-argument callables returning a batch each (own seed, own teacher
+    targets); optional if every `update()` passes its batches.
+    teacher: a live teacher WorldModel shared by the members, or None (cached targets in the
+    batches, or no distillation: `cfg.distill.target` None or d_coef 0 trains on TD-MPC2 alone).
+    """
+
+    def __init__(self, models: Sequence[WorldModel], cfg: TrainConfig, batch_sources: Sequence[Callable[[], Any]] | None = None,
+                 teacher: WorldModel | None = None, *, seeds: Sequence[int] | None = None, cached_teacher: bool = False,
+                 pca: Any = None):
+        self.cfg = cfg.validate()
+        if not models:
+            raise ConfigError("a population needs at least one member")
+        model_cfg = models[0].cfg
+        if any(m.cfg != model_cfg for m in models):
+            raise ConfigError("population members must share one model config")
+        self.target = cfg.distill.target if (teacher is not None or cached_teacher) else None
+        if self.target not in POPULATION_TARGETS:
+            raise ConfigError(f"the population executor cannot serve distillation target {self.target!r} "
+                              f"(it serves {', '.join(str(t) for t in POPULATION_TARGETS)}); train the members separately")
+        self.K = len(models)
+        self.batch_sources = list(batch_sources) if batch_sources is not None else None
+        if self.batch_sources is not None and len(self.batch_sources) != self.K:
+            raise ConfigError(f"population: {self.K} members but {len(self.batch_sources)} batch sources")
+        keep_freed_memory()
+        # the shared module functional_call runs: structure only, its own weights are never used
+        self.base = copy.deepcopy(models[0])
+        self.device = next(self.base.parameters()).device
+        self.max_norm = self.base._task_emb.max_norm if self.base.multitask else None
+        if self.base.multitask:
+            self.base._task_emb.max_norm = None  # renormalised explicitly per member (`_renorm_task_emb`)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.scale = RunningScale(cfg.tau)
+        self._model_loss = _ModelLoss(self.base, self.teacher, self.target, cfg, pca)
+        self._policy_loss = _PolicyLoss(self.base, cfg, self.scale)
+
+        names = [n for n, _ in self.base.named_parameters()]
+        stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).clone() for n in names}
+        self.params = {n: v for n, v in stacked.items() if not n.startswith(TARGET_PREFIX)}
+        self.targets = {n: v for n, v in stacked.items() if n.startswith(TARGET_PREFIX)}
+        self.pi_names = policy_param_names(self.params)
+        self.model_names = [n for n in self.params if n not in self.pi_names]
+        self.optim = torch.optim.Adam(model_param_groups({n: self.params[n] for n in self.model_names}, cfg), lr=cfg.lr,
+                                      fused=cfg.fused_adam)
+        self.pi_optim = torch.optim.Adam([self.params[n] for n in self.pi_names], lr=cfg.lr, eps=cfg.pi_adam_eps,
+                                         fused=cfg.fused_adam)
+        self.scale_values = torch.ones(self.K, 1, device=self.device, dtype=self.params["_pi.0.weight"].dtype)
+        self.discount = task_discounts(model_cfg, cfg.loss, self.device)
+        self.seeds = list(seeds) if seeds is not None else list(range(self.K))
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in self.seeds]
+        self.step = 0
+        self._rate_window: list[float] = []
+
+
+    # -- functional calls (one member; vmapped over K) ----------------------------------------
+    @staticmethod
+    def _per_member(fn: Callable, *args: Any) -> Any:
+        """vmap(grad_and_value(fn)) over the members -> (grads, (loss, aux)): every tensor argument
+        has a leading K dim, except the last (shared); None arguments (no task ids, no cached
+        targets) stay None."""
+        dims = tuple(None if a is None else 0 for a in args[:-1]) + (None,)
+        return vmap(grad_and_value(fn, has_aux=True), in_dims=dims, randomness="different")(*args)
+
+    def _model_call(self, params, fixed, obs, action, reward, task, teacher_reward, teacher_latent, eps_td, discount):
+        weights = {f"model.{n}": v for n, v in {**params, **fixed}.items()}
+        return functional_call(self._model_loss, weights, (obs, action, reward, task, teacher_reward, teacher_latent,
+                                                           eps_td, discount))
+
+    def _policy_call(self, pi_params, other, zs, task, eps_pi, scale_value, _shared=None):
+        weights = {f"model.{n}": v for n, v in {**other, **pi_params}.items()}
+        return functional_call(self._policy_loss, weights, (zs, task, eps_pi, scale_value))
+
+    # -- one update ---------------------------------------------------------------------------
+    def _batches(self, batches: Sequence[Any] | None) -> list[TrainBatch]:
+        if batches is None:
+            if self.batch_sources is None:
+                raise ConfigError("Population has no batch sources; pass the members' batches to update()")
+            batches = [source() for source in self.batch_sources]
+        if len(batches) != self.K:
+            raise ConfigError(f"population: {self.K} members but {len(batches)} batches")
+        return [as_batch(b) for b in batches]
+
+    @torch.no_grad()
+    def _renorm_task_emb(self, task: torch.Tensor | None) -> None:
+        """nn.Embedding(max_norm=1)'s in-place renormalisation of the rows a lookup touches, per
+        member (torch's own op): what each member's embedding lookups would do before the loss."""
+        if self.max_norm is None or task is None:
+            return
+        weight = self.params["_task_emb.weight"]
+        for k in range(self.K):
+            torch.embedding_renorm_(weight[k], task[k], self.max_norm, 2.0)
+
+    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """(K, *shape) standard normal, member k from its own generator."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
+
+    def _clip(self, names: list[str], grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-member clip_grad_norm_ over `names`: returns the members' total norms (K,)."""
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[n].reshape(self.K, -1), dim=1)
+                                                      for n in names]), dim=0)
+        coef = torch.clamp(self.cfg.grad_clip_norm / (norms + 1e-6), max=1.0)
+        for n in names:
+            # contiguous: vmap may return a permuted layout, and the fused Adam kernel walks grad
+            # and parameter memory in the same order
+            self.params[n].grad = (grads[n] * coef.view(-1, *[1] * (grads[n].dim() - 1))).contiguous()
+        return norms
+
+    def update(self, batches: Sequence[Any] | None = None, eps_td: torch.Tensor | None = None,
+               eps_pi: torch.Tensor | None = None) -> list[dict[str, float]]:
+        """One update of every member; returns each member's metrics (as Trainer.update's).
+        eps_td (K, H, B, A) / eps_pi (K, H+1, B, A): policy noise (drawn from the members' generators if None)."""
+        started = time.perf_counter()
+        if self.cfg.flush_denormal:
+            torch.set_flush_denormal(True)
+        try:
+            metrics = self._update(batches, eps_td, eps_pi)
+        finally:
+            if self.cfg.flush_denormal:
+                torch.set_flush_denormal(False)
+        elapsed = time.perf_counter() - started
+        self._rate_window = (self._rate_window + [elapsed])[-50:]
+        rate = len(self._rate_window) / sum(self._rate_window)
+        for m in metrics:
+            m.update(update_ms=1000 * elapsed, updates_per_s=rate)
+        return metrics
+
+    def _update(self, batches, eps_td, eps_pi) -> list[dict[str, float]]:
+        bs = self._batches(batches)
+        move = lambda x: None if x is None else x.to(self.device, non_blocking=True)  # noqa: E731
+        obs, action, reward = (move(_stack([getattr(b, f) for b in bs])) for f in ("obs", "action", "reward"))
+        task = move(_stack([b.task for b in bs]))
+        cached = [b.teacher or TeacherTargets() for b in bs]
+        teacher_reward = move(_stack([c.reward for c in cached]))
+        teacher_latent = move(_stack([c.latent for c in cached]))
+        field = CACHEABLE.get(self.target or "")
+        if self.target is not None and self.teacher is None and (field is None or
+                                                                  {"reward": teacher_reward, "latent": teacher_latent}[field] is None):
+            raise ConfigError(f"distillation target {self.target!r}: no live teacher and no cached teacher outputs in the batches")
+        H, B, A = action.shape[1:]
+        eps_td = self._noise((H, B, A)) if eps_td is None else eps_td.to(self.device)
+        eps_pi = self._noise((H + 1, B, A)) if eps_pi is None else eps_pi.to(self.device)
+
+        self.base.train()
+        self._renorm_task_emb(task)
+        model_params = {n: self.params[n] for n in self.model_names}
+        pi_params = {n: self.params[n] for n in self.pi_names}
+        grads, (total, (terms, zs)) = self._per_member(self._model_call, model_params, {**pi_params, **self.targets}, obs, action,
+                                              reward, task, teacher_reward, teacher_latent, eps_td, self.discount)
+        grad_norm = self._clip(self.model_names, grads)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+
+        self._renorm_task_emb(task)
+        other = {n: self.params[n] for n in self.model_names}
+        pi_grads, (pi_loss, (self.scale_values, entropy)) = self._per_member(self._policy_call, pi_params, other, zs.detach(), task,
+                                                                  eps_pi, self.scale_values, None)
+        pi_grad_norm = self._clip(self.pi_names, pi_grads)
+        self.pi_optim.step()
+        self.pi_optim.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, target in self.targets.items():
+                target.lerp_(self.params[ONLINE_Q_PREFIX + name[len(TARGET_PREFIX):]], self.cfg.tau)
+        self.base.eval()
+        self.step += 1
+        columns = {**{k: v.detach() for k, v in terms.items()}, "total": total.detach(), "grad_norm": grad_norm,
+                   "pi_loss": pi_loss.detach(), "pi_grad_norm": pi_grad_norm, "pi_scale": self.scale_values.squeeze(-1), "pi_entropy": entropy}
+        table = {k: v.double().cpu().tolist() for k, v in columns.items()}
+        return [{**{k: float(v[i]) for k, v in table.items()}, "step": float(self.step)} for i in range(self.K)]
+
+    def train(self, steps: int, callback: Callable[[int, list[dict[str, float]]], Any] | None = None) -> list[dict[str, float]]:
+        """Run `steps` updates from the batch sources; callback(step, metrics) after each."""
+        metrics: list[dict[str, float]] = []
+        for _ in range(steps):
+            metrics = self.update()
+            if callback is not None:
+                callback(self.step, metrics)
+        return metrics
+
+    # -- members --------------------------------------------------------------------------------
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's WorldModel state dict (parameters, target heads and buffers)."""
+        state = self.base.state_dict()
+        for name, value in {**self.params, **self.targets}.items():
+            state[name] = value[k].detach().clone()
+        return state
+
+    def member(self, k: int) -> WorldModel:
+        """A WorldModel holding member k's weights (a copy: training goes on in the population)."""
+        model = WorldModel(self.base.cfg).to(self.device)
+        model.load_state_dict(self.member_state_dict(k))
+        return model.eval()
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a continuation needs (weights_only-safe)."""
+        sources = self.batch_sources or []
+        return {
+            "format": POPULATION_FORMAT, "version": POPULATION_VERSION, "step": self.step,
+            "model_config": self.base.cfg.to_dict(), "train_config": self.cfg.to_dict(), "seeds": self.seeds,
+            "params": {n: v.detach().clone() for n, v in self.params.items()},
+            "targets": {n: v.clone() for n, v in self.targets.items()},
+            "optim": self.optim.state_dict(), "pi_optim": self.pi_optim.state_dict(),
+            "scale_values": self.scale_values.clone(),
+            "generators": [g.get_state() for g in self.generators],
+            "batch_sources": [s.state_dict() if hasattr(s, "state_dict") else None for s in sources],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != POPULATION_FORMAT:
+            raise CheckpointError("not a distill-sweeps population state")
+        if state.get("version", 0) > POPULATION_VERSION:
+            raise CheckpointError(f"population state written by a newer version ({state.get('version')})")
+        if ModelConfig.from_dict(state["model_config"]) != self.base.cfg or list(state["seeds"]) != self.seeds:
+            raise ConfigError("population state: the saved model config or member seeds differ from this population's")
+        with torch.no_grad():
+            for store, saved in ((self.params, state["params"]), (self.targets, state["targets"])):
+                for name, value in saved.items():
+                    store[name].copy_(value)
+        self.optim.load_state_dict(state["optim"])
+        self.pi_optim.load_state_dict(state["pi_optim"])
+        self.scale_values = state["scale_values"].clone().to(self.device)
+        for g, s in zip(self.generators, state["generators"]):
+            g.set_state(s)
+        for source, saved in zip(self.batch_sources or [], state["batch_sources"]):
+            if saved is not None:
+                source.load_state_dict(saved)
+        self.step = int(state["step"])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_torch_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> "Population":
+        self.load_state_dict(read_checkpoint(path))
+        return self

@@ -1,0 +1,102 @@
+"""Population training (agent.population): K members trained as one batch equal K students trained
+separately by agent.train.Trainer on the same batches and noise."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agent.config import DistillConfig, TrainConfig
+from agent.distill import TeacherTargets
+from agent.errors import ConfigError
+from agent.losses import TrainBatch
+from agent.population import Population
+from agent.train import Trainer
+from tests.helpers import small_model
+
+H, B = 3, 16
+
+
+def _batches(steps: int, members: int, seed: int, num_tasks: int, teacher: bool, dtype=torch.float32):
+    """steps x members batches: obs (H+1, B, 24), action (H, B, 6), reward (H, B, 1), task (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    torch_rand, torch_randn = torch.rand, torch.randn
+
+    def rand(*shape, generator):
+        return torch_rand(*shape, generator=generator, dtype=dtype)
+
+    def randn(*shape, generator):
+        return torch_randn(*shape, generator=generator, dtype=dtype)
+
+    out = []
+    for _ in range(steps):
+        row = []
+        for _ in range(members):
+            cached = TeacherTargets(reward=rand(H, B, 1, generator=g)) if teacher else None
+            row.append(TrainBatch(randn(H + 1, B, 24, generator=g), rand(H, B, 6, generator=g) * 2 - 1,
+                                  rand(H, B, 1, generator=g), torch.randint(0, num_tasks, (B,), generator=g), cached))
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("d_coef,num_q", [(0.0, 2), (0.45, 2), (0.45, 5)])
+def test_population_members_equal_separately_trained_students(d_coef, num_q, monkeypatch):
+    # float64: Adam's first steps turn rounding-level gradient differences of ~1e-9 entries (below
+    # its eps) into lr-sized parameter differences; in float64 both sides agree to ~1e-12
+    members, steps, dtype = 3, 4, torch.float64
+    # the random Q-head pair (num_q > 2) comes from the global generator, drawn in another order
+    # by the population: pin it to heads (0, 1) on both sides
+    arange = torch.arange
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: arange(n, device=kw.get("device")))
+    models = [small_model(seed=s, num_q=num_q, dropout=0.0).to(dtype) for s in range(members)]
+    cfg = TrainConfig(batch_size=B, fast_kernels=False, distill=DistillConfig(target="reward" if d_coef else None,
+                                                                             d_coef=d_coef))
+    num_tasks = len(models[0].cfg.tasks)
+    batches = _batches(steps, members, seed=7, num_tasks=num_tasks, teacher=d_coef > 0, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    eps_td = [torch.randn(members, H, B, 6, generator=g, dtype=dtype) for _ in range(steps)]
+    eps_pi = [torch.randn(members, H + 1, B, 6, generator=g, dtype=dtype) for _ in range(steps)]
+
+    population = Population(models, cfg, seeds=range(members), cached_teacher=d_coef > 0)
+    pop_metrics = [population.update(batches[t], eps_td[t], eps_pi[t]) for t in range(steps)]
+
+    for k, model in enumerate(models):
+        separate = Trainer(model, cfg, cached_teacher=d_coef > 0)
+        for t in range(steps):
+            metrics = separate.update(batches[t][k], eps_td[t][k], eps_pi[t][k])
+        reference = model.state_dict()
+        member = population.member_state_dict(k)
+        assert set(member) == set(reference)
+        for name, value in reference.items():
+            torch.testing.assert_close(member[name], value, rtol=1e-9, atol=1e-10, msg=f"member {k}: {name}")
+        for key in ("total", "consistency", "reward", "value", "distill", "pi_loss", "grad_norm", "pi_scale"):
+            if key in pop_metrics[-1][k]:
+                assert pop_metrics[-1][k][key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-10), key
+        assert pop_metrics[-1][k]["step"] == steps
+
+
+def test_members_differ_and_a_saved_population_resumes_exactly(tmp_path):
+    models = [small_model(seed=s, num_q=2, dropout=0.0) for s in range(2)]
+    cfg = TrainConfig(batch_size=B, distill=DistillConfig(target=None))
+    batches = _batches(4, 2, seed=1, num_tasks=len(models[0].cfg.tasks), teacher=False)
+    a = Population(models, cfg, seeds=[1, 2])
+    for t in range(2):
+        a.update(batches[t])
+    a.save(tmp_path / "pop.pt")
+    b = Population(models, cfg, seeds=[1, 2]).load(tmp_path / "pop.pt")
+    for t in range(2, 4):
+        ma, mb = a.update(batches[t]), b.update(batches[t])
+        assert [m["total"] for m in ma] == [m["total"] for m in mb]
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+    assert not torch.equal(a.params["_pi.0.weight"][0], a.params["_pi.0.weight"][1])
+    assert b.step == 4
+    # a member is a working WorldModel with that member's weights
+    member = b.member(1)
+    torch.testing.assert_close(member._pi[0].weight, b.params["_pi.0.weight"][1])
+
+
+def test_targets_the_population_cannot_serve_are_refused():
+    models = [small_model(seed=0, num_q=2)]
+    cfg = TrainConfig(distill=DistillConfig(target="policy"))
+    with pytest.raises(ConfigError, match="cannot serve distillation target 'policy'"):
+        Population(models, cfg, cached_teacher=True, teacher=small_model(seed=1, num_q=2))

@@ -282,6 +282,37 @@ class Population:
         model.load_state_dict(self.member_state_dict(k))
         return model.eval()
 
+    def finite_members(self) -> list[bool]:
+        """Whether each member's parameters are all finite (a diverged member is not)."""
+        finite = torch.ones(self.K, dtype=torch.bool)
+        for value in self.params.values():
+            finite &= torch.isfinite(value.detach().reshape(self.K, -1)).all(dim=1).cpu()
+        return finite.tolist()
+
+    @torch.no_grad()
+    def keep(self, members: Sequence[int]) -> None:
+        """Drop every member not in `members` (e.g. diverged ones); the rest train on unchanged."""
+        index = torch.as_tensor(list(members), dtype=torch.long, device=self.device)
+        old = dict(self.params)
+        for store in (self.params, self.targets):
+            for name in store:
+                store[name] = store[name][index].clone()
+        name_of = {id(t): n for n, t in old.items()}
+        for optim in (self.optim, self.pi_optim):
+            for group in optim.param_groups:
+                olds, group["params"] = group["params"], [self.params[name_of[id(p)]] for p in group["params"]]
+                for p_old, p_new in zip(olds, group["params"]):
+                    state = optim.state.pop(p_old, None)
+                    if state:  # Adam moments carry the member dim; `step` is a shared scalar
+                        optim.state[p_new] = {k: v[index] if torch.is_tensor(v) and v.dim() > 0 else v
+                                              for k, v in state.items()}
+        self.scale_values = self.scale_values[index]
+        self.seeds = [self.seeds[i] for i in members]
+        self.generators = [self.generators[i] for i in members]
+        if self.batch_sources is not None:
+            self.batch_sources = [self.batch_sources[i] for i in members]
+        self.K = len(self.seeds)
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a continuation needs (weights_only-safe)."""
@@ -294,6 +325,7 @@ class Population:
             "optim": self.optim.state_dict(), "pi_optim": self.pi_optim.state_dict(),
             "scale_values": self.scale_values.clone(),
             "generators": [g.get_state() for g in self.generators],
+            "torch_rng": torch.get_rng_state(),  # dropout and the Q-head pair draw from the global generator
             "batch_sources": [s.state_dict() if hasattr(s, "state_dict") else None for s in sources],
         }
 
@@ -313,6 +345,7 @@ class Population:
         self.scale_values = state["scale_values"].clone().to(self.device)
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s)
+        torch.set_rng_state(state["torch_rng"])
         for source, saved in zip(self.batch_sources or [], state["batch_sources"]):
             if saved is not None:
                 source.load_state_dict(saved)
@@ -324,3 +357,64 @@ class Population:
     def load(self, path: str | os.PathLike) -> "Population":
         self.load_state_dict(read_checkpoint(path))
         return self
+
+
+class SeparateMembers:
+    """The Population interface over K ordinary Trainers, one after another: for settings the
+    population executor cannot serve (see POPULATION_TARGETS). Member k trains with seed seeds[k]."""
+
+    def __init__(self, trainers: Sequence[Any], seeds: Sequence[int]):
+        self.trainers, self.seeds = list(trainers), list(seeds)
+
+    @property
+    def K(self) -> int:
+        return len(self.trainers)
+
+    @property
+    def step(self) -> int:
+        return self.trainers[0].step
+
+    def update(self) -> list[dict[str, float]]:
+        return [t.update() for t in self.trainers]
+
+    def member(self, k: int) -> WorldModel:
+        return self.trainers[k].model
+
+    def finite_members(self) -> list[bool]:
+        return [all(bool(torch.isfinite(p).all()) for p in t.model.parameters()) for t in self.trainers]
+
+    def keep(self, members: Sequence[int]) -> None:
+        self.trainers = [self.trainers[i] for i in members]
+        self.seeds = [self.seeds[i] for i in members]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_torch_save({"format": POPULATION_FORMAT + "/separate", "seeds": self.seeds,
+                                  "members": [t.state_dict() for t in self.trainers]}, path)
+
+    def load(self, path: str | os.PathLike) -> "SeparateMembers":
+        state = read_checkpoint(path)
+        if state.get("format") != POPULATION_FORMAT + "/separate" or list(state["seeds"]) != self.seeds:
+            raise CheckpointError(f"{path}: not a state of these separately trained members")
+        for trainer, saved in zip(self.trainers, state["members"]):
+            trainer.load_state_dict(saved)
+        return self
+
+
+def offline_members(models: Sequence[WorldModel], store: Any, cfg: TrainConfig, seeds: Sequence[int],
+                    teacher_path: str | os.PathLike | None = None, log: Callable[[str], None] = print):
+    """K students (one per seed) training offline on `store`: a Population when the executor can
+    serve the setting, else SeparateMembers (and `log` says why). Batch source k is seeded seeds[k]."""
+    from dataclasses import replace
+
+    from agent.train import Trainer, offline_inputs
+
+    inputs = offline_inputs(models[0], store, cfg, teacher_path)
+    tasks = list(models[0].cfg.tasks)
+    sources = [inputs.batches(int(s), tasks) for s in seeds]
+    cached = inputs.cache is not None
+    target = inputs.cfg.distill.target if (inputs.teacher is not None or cached) else None
+    if target in POPULATION_TARGETS:
+        return Population(models, inputs.cfg, sources, inputs.teacher, seeds=seeds, cached_teacher=cached, pca=inputs.pca)
+    log(f"population executor: target {target!r} is not served; training the {len(models)} members one after another")
+    return SeparateMembers([Trainer(m, replace(inputs.cfg, seed=int(s)), src, inputs.teacher, pca=inputs.pca,
+                                    cached_teacher=cached) for m, s, src in zip(models, seeds, sources)], seeds)

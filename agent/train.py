@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -336,16 +337,31 @@ def fit_store_pca(teacher: WorldModel, store: Any, k: int, rows: int = 65536, se
     return fit_pca(latents, k)
 
 
-def offline_trainer(model: WorldModel, store: Any, cfg: TrainConfig | None = None,
-                    teacher_path: str | os.PathLike | None = None, *, use_cache: bool = True,
-                    task_ids: list[int] | None = None) -> Trainer:
-    """A Trainer sampling `store` (EpisodeStore or path), distilling from the teacher file if given.
+@dataclass
+class OfflineInputs:
+    """What offline training on a store needs besides the student: the effective TrainConfig (no
+    distillation without a teacher), the teacher-target cache or the live teacher, the PCA basis."""
+
+    store: Any
+    cfg: TrainConfig
+    cache: Any = None
+    teacher: WorldModel | None = None
+    pca: PcaProjection | None = None
+
+    def batches(self, seed: int, model_tasks: list[str], task_ids: list[int] | None = None) -> StoreBatches:
+        """A batch source over the store with its own random stream (`seed`)."""
+        return StoreBatches(self.store, self.cfg.batch_size, self.cfg.horizon, seed=seed, teacher_cache=self.cache,
+                            task_ids=task_ids, model_tasks=model_tasks)
+
+
+def offline_inputs(model: WorldModel, store: Any, cfg: TrainConfig | None = None,
+                   teacher_path: str | os.PathLike | None = None, *, use_cache: bool = True) -> OfflineInputs:
+    """The store, cache and teacher for training `model` (or students of its config) offline.
 
     Cacheable targets (reward, reward_observed, latent_pca) read the teacher-target cache (built on
     first use, keyed by the teacher file's hash) and need no live teacher; other targets load
-    the teacher and run it live. `task_ids` (store ids) restricts sampling to those tasks' episodes.
-    Store task ids are translated to the model's task list; the cache is used only when both lists
-    agree (its teacher outputs are keyed by the store's ids).
+    the teacher and run it live. The cache is used only when the store's and the model's task
+    lists agree (its teacher outputs are keyed by the store's ids).
     """
     from agent.data import EpisodeStore, TeacherCache
 
@@ -354,17 +370,27 @@ def offline_trainer(model: WorldModel, store: Any, cfg: TrainConfig | None = Non
     target = cfg.distill.target if teacher_path is not None else None
     if teacher_path is None:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "distill": {**cfg.to_dict()["distill"], "target": None}})
-    cache, teacher, pca = None, None, None
-    # the cache holds teacher outputs for the store's task ids; with another task order, run live
+    inputs = OfflineInputs(store, cfg)
     if target in CACHEABLE and use_cache and list(store.tasks) == list(model.cfg.tasks):
         pca_dim = model.cfg.latent_dim if target == "latent_pca" else None
-        cache = TeacherCache.get_or_build(store, teacher_path, pca_dim=pca_dim)
-        if cache.pca is not None:
-            pca = PcaProjection(torch.from_numpy(np.array(cache.pca.mean)), torch.from_numpy(np.array(cache.pca.components)))
+        inputs.cache = TeacherCache.get_or_build(store, teacher_path, pca_dim=pca_dim)
+        if inputs.cache.pca is not None:
+            pca = inputs.cache.pca
+            inputs.pca = PcaProjection(torch.from_numpy(np.array(pca.mean)), torch.from_numpy(np.array(pca.components)))
     elif target is not None:
-        teacher = load_world_model(teacher_path)
+        inputs.teacher = load_world_model(teacher_path)
         if target == "latent_pca":
-            pca = fit_store_pca(teacher, store, model.cfg.latent_dim, cfg.distill.pca_fit_rows, cfg.distill.pca_seed)
-    source = StoreBatches(store, cfg.batch_size, cfg.horizon, seed=cfg.seed, teacher_cache=cache, task_ids=task_ids,
-                          model_tasks=model.cfg.tasks)
-    return Trainer(model, cfg, source, teacher, pca=pca, cached_teacher=cache is not None)
+            inputs.pca = fit_store_pca(inputs.teacher, store, model.cfg.latent_dim, cfg.distill.pca_fit_rows,
+                                       cfg.distill.pca_seed)
+    return inputs
+
+
+def offline_trainer(model: WorldModel, store: Any, cfg: TrainConfig | None = None,
+                    teacher_path: str | os.PathLike | None = None, *, use_cache: bool = True,
+                    task_ids: list[int] | None = None) -> Trainer:
+    """A Trainer sampling `store` (EpisodeStore or path), distilling from the teacher file if given
+    (see `offline_inputs`). `task_ids` (store ids) restricts sampling to those tasks' episodes;
+    store task ids are translated to the model's task list."""
+    inputs = offline_inputs(model, store, cfg, teacher_path, use_cache=use_cache)
+    source = inputs.batches(inputs.cfg.seed, model.cfg.tasks, task_ids)
+    return Trainer(model, inputs.cfg, source, inputs.teacher, pca=inputs.pca, cached_teacher=inputs.cache is not None)

@@ -26,7 +26,8 @@ class TrialConfig:
     d_coef: float = 0.45
     target: str = "reward"
     lr: float = 3e-4
-    seed: int = 1
+    seed: int = 1                     # the first member's seed
+    num_seeds: int = 1                # members: seeds seed .. seed + num_seeds - 1, trained as one population
     eval_every: int = 1000
     eval_episodes: int = 2
     eval_plan: bool = True
@@ -43,7 +44,7 @@ class TrialConfig:
     def validate(self) -> "TrialConfig":
         if self.d_coef < 0:
             raise ConfigError(f"d_coef must be >= 0, got {self.d_coef}")
-        for name in ("steps", "batch_size", "eval_every", "eval_episodes"):
+        for name in ("steps", "batch_size", "eval_every", "eval_episodes", "num_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -56,6 +57,9 @@ class TrialConfig:
         if self.eval_max_steps is not None and self.eval_max_steps < 1:
             raise ConfigError(f"eval_max_steps must be >= 1, got {self.eval_max_steps}")
         return self
+
+    def member_seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.num_seeds))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

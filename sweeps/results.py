@@ -33,15 +33,16 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return (row["trial_id"], row["phase"], row["quant"], row["step"], row["status"])
+    return (row["trial_id"], (row.get("config") or {}).get("seed"), row["phase"], row["quant"], row["step"], row["status"])
 
 
 def merge_rows(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Union of old and new rows, one per (trial, phase, precision, step, status); old rows win."""
+    """Union of old and new rows, one per (trial, member seed, phase, precision, step, status); old rows win."""
     merged: dict[tuple, dict[str, Any]] = {}
     for row in list(old) + list(new):
         merged.setdefault(_row_key(row), row)
-    return sorted(merged.values(), key=lambda r: (r["trial_id"], r["phase"] != "train", r["step"], r["quant"]))
+    return sorted(merged.values(), key=lambda r: (r["trial_id"], r["phase"] != "train", r["step"], r["quant"],
+                                                  (r.get("config") or {}).get("seed") or 0))
 
 
 def write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -60,21 +61,33 @@ def _trial_id(result) -> str:
     return match.group(1) if match else result.path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _reported_rows(values: Iterable[str]) -> list[dict[str, Any]]:
+    """The rows of a trial's reports: each report carries a JSON list of rows (one per member)."""
+    rows: list[dict[str, Any]] = []
+    for text in values:
+        value = json.loads(text)
+        rows += value if isinstance(value, list) else [value]
+    return rows
+
+
 def rows_from_result_grid(grid) -> list[dict[str, Any]]:
     """Every reported row of every trial, plus one error row per failed trial."""
     rows: list[dict[str, Any]] = []
     for result in grid:
         df = result.metrics_dataframe
-        reported = [] if df is None or "row_json" not in df else [json.loads(s) for s in df["row_json"].dropna()]
+        reported = [] if df is None or "row_json" not in df else _reported_rows(df["row_json"].dropna())
         rows += reported
         if result.error is not None and not any(r["status"] == "error" for r in reported):
             config = dict(result.config.get("trial", {}))
             config.update({k: v for k, v in result.config.items() if k != "trial"})
             message = str(result.error).strip().splitlines()
-            rows.append({"trial_id": _trial_id(result), "status": "error",
-                         "config": {k: config.get(k) for k in ("d_coef", "batch_size", "steps", "teacher_size",
-                                                                "target", "seed", "ablation")},
-                         "step": rows[-1]["step"] if reported else 0, "phase": "train", "quant": "fp32",
-                         "score": None, "task_scores": None, "size_mib": None, "episodes": config.get("eval_episodes"),
-                         "error": (message[-1] if message else type(result.error).__name__)[:300]})
+            first = int(config.get("seed") or 1)
+            for seed in range(first, first + int(config.get("num_seeds") or 1)):  # one error row per member
+                rows.append({"trial_id": _trial_id(result), "status": "error",
+                             "config": {**{k: config.get(k) for k in ("d_coef", "batch_size", "steps", "teacher_size",
+                                                                      "target", "ablation")}, "seed": seed},
+                             "step": reported[-1]["step"] if reported else 0, "phase": "train", "quant": "fp32",
+                             "score": None, "task_scores": None, "size_mib": None,
+                             "episodes": config.get("eval_episodes"),
+                             "error": (message[-1] if message else type(result.error).__name__)[:300]})
     return rows

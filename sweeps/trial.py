@@ -1,8 +1,9 @@
-"""One distillation trial: train a student against a teacher, evaluate it periodically and under
-each quantization mode at the end. Written against a small `Reporter` seam so it runs under Ray
+"""One distillation trial: one setting with its seeds, trained as a population of students against
+a teacher, each evaluated periodically and under each quantization mode at the end. Written against a small `Reporter` seam so it runs under Ray
 Tune (sweeps.tune_adapter) or directly (tests)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -18,15 +19,18 @@ from agent.checkpoint import load_world_model, save_world_model
 from agent.config import DistillConfig, TrainConfig, model_config
 from agent.data import EpisodeStore
 from agent.evaluate import evaluate, normalized_score, task_scores
-from agent.train import offline_trainer
+from agent.population import Population, offline_members
 from agent.world_model import WorldModel
 from sweeps.config import TrialConfig
 
 TRAINER_FILE = "trainer.pt"
+MEMBERS_FILE = "members.json"  # the seeds still training (diverged members leave)
 
 
 class Reporter(Protocol):
-    def __call__(self, row: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+    """Receives the rows of one report (one per member) and the checkpoint that goes with them."""
+
+    def __call__(self, rows: list[dict[str, Any]], checkpoint_dir: Path | None) -> None: ...
 
 
 class DivergedError(RuntimeError):
@@ -40,8 +44,9 @@ class TrialContext:
     node_id: str | None = None
 
 
-def build_student(cfg: TrialConfig, tasks: list[str]) -> WorldModel:
-    torch.manual_seed(cfg.seed)
+def build_student(cfg: TrialConfig, tasks: list[str], seed: int | None = None) -> WorldModel:
+    """The student of `cfg`, initialised from `seed` (default cfg.seed)."""
+    torch.manual_seed(cfg.seed if seed is None else seed)
     return WorldModel(model_config(cfg.student_size, tasks=tasks, **cfg.student_dims))
 
 
@@ -50,89 +55,121 @@ def train_config(cfg: TrialConfig) -> TrainConfig:
                        distill=DistillConfig(target=cfg.target if cfg.d_coef > 0 else None, d_coef=cfg.d_coef)).validate()
 
 
-def _row(cfg: TrialConfig, ctx: TrialContext, step: int, phase: str, quant: str, scores: dict[str, float] | None,
-         episodes: int, size_mib: float | None = None, error: str | None = None, **extra: Any) -> dict[str, Any]:
+def _row(cfg: TrialConfig, ctx: TrialContext, seed: int, step: int, phase: str, quant: str,
+         evaluation: "Evaluation | None", size_mib: float | None = None, error: str | None = None, **extra: Any) -> dict[str, Any]:
+    scores = evaluation.task_scores if evaluation is not None else None
     return {
         "trial_id": ctx.trial_id, "status": "error" if error else "ok",
         "config": {"d_coef": cfg.d_coef, "batch_size": cfg.batch_size, "steps": cfg.steps,
-                   "teacher_size": cfg.teacher_size, "target": cfg.target, "seed": cfg.seed,
+                   "teacher_size": cfg.teacher_size, "target": cfg.target, "seed": seed,
                    "student": str(cfg.student_size or "custom"), "quant": "fp32", "ablation": cfg.ablation,
                    "lr": cfg.lr, "preset": cfg.preset},
         "step": step, "phase": phase, "quant": quant,
         "score": None if scores is None else float(sum(scores.values()) / len(scores)),
-        "task_scores": scores, "size_mib": size_mib, "episodes": episodes, "error": error,
+        "task_scores": scores, "eval_se": None if evaluation is None else evaluation.se,
+        "size_mib": size_mib, "episodes": cfg.eval_episodes, "error": error,
         "node_id": ctx.node_id, **extra,
     }
 
 
-def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str]) -> dict[str, float]:
-    df = evaluate(model, cfg.eval_tasks or tasks, cfg.eval_episodes, seed=cfg.seed, plan=cfg.eval_plan,
+@dataclass
+class Evaluation:
+    task_scores: dict[str, float]
+    se: float  # standard error of the mean-over-tasks score from the episode spread
+
+
+def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str], seed: int) -> Evaluation:
+    df = evaluate(model, cfg.eval_tasks or tasks, cfg.eval_episodes, seed=seed, plan=cfg.eval_plan,
                   agent_overrides=dict(cfg.eval_planner), progress=False, task_set=tasks,
                   max_steps=cfg.eval_max_steps)
     normalized_score(df)  # raises on an empty evaluation
-    return task_scores(df)
+    per_task = df.groupby("task", sort=False)["score"]
+    variance_of_means = (per_task.var(ddof=1) / per_task.count()).fillna(0.0)
+    return Evaluation(task_scores(df), float(math.sqrt(variance_of_means.sum()) / len(variance_of_means)))
 
 
-def _inject_faults(cfg: TrialConfig, ctx: TrialContext, step: int, model: WorldModel) -> None:
-    kill = cfg.fault_kill_at_step is not None and cfg.fault_kill_seed in (None, cfg.seed)
+def _inject_faults(cfg: TrialConfig, ctx: TrialContext, step: int, members: Any) -> None:
+    seeds = list(members.seeds)
+    kill = cfg.fault_kill_at_step is not None and (cfg.fault_kill_seed is None or cfg.fault_kill_seed in seeds)
     if kill and ctx.restore_dir is None and step >= cfg.fault_kill_at_step:
         os.kill(os.getpid(), signal.SIGKILL)  # a crashed worker: Ray must retry from the checkpoint
-    nan = cfg.fault_nan_at_step is not None and cfg.fault_nan_seed in (None, cfg.seed)
-    if nan and step >= cfg.fault_nan_at_step:
-        with torch.no_grad():
-            model._dynamics[0].weight.fill_(float("nan"))
+    if cfg.fault_nan_at_step is None or step < cfg.fault_nan_at_step:
+        return
+    for k, seed in enumerate(seeds):
+        if cfg.fault_nan_seed in (None, seed):
+            with torch.no_grad():
+                if isinstance(members, Population):
+                    members.params["_dynamics.0.weight"][k].fill_(float("nan"))
+                else:
+                    members.member(k)._dynamics[0].weight.fill_(float("nan"))
 
 
-def _parameters_finite(model: WorldModel) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
+def _update(members: Any) -> list[float]:
+    """One update of every member -> their total losses (NaN for a member whose weights are
+    non-finite: NaN weights can break two-hot indexing mid-update)."""
+    try:
+        return [m["total"] for m in members.update()]
+    except RuntimeError:
+        finite = members.finite_members()
+        if all(finite):
+            raise  # a genuine failure: let the scheduler retry from the checkpoint
+        return [0.0 if ok else float("nan") for ok in finite]
 
 
 def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
               log: Callable[[str], None] = lambda _: None) -> None:
-    """Train and evaluate one trial, reporting one row per evaluation (see docs/results-format.md).
+    """Train and evaluate one trial: the setting `cfg` with its seeds (cfg.member_seeds()) trained
+    as one population, one row per member and evaluation (see docs/results-format.md).
 
-    A diverged trial reports one `error` row and returns (it is not retried); any other exception
-    propagates so the scheduler can retry the trial from its last checkpoint."""
+    A diverged member reports one `error` row and leaves the population (the others go on); any
+    other exception propagates so the scheduler can retry the trial from its last checkpoint."""
     cfg.validate()
     torch.set_num_threads(max(1, int(os.environ.get("DISTILL_TRIAL_THREADS", torch.get_num_threads()))))
     store = EpisodeStore(cfg.data)
     tasks = list(store.manifest.tasks)
-    student = build_student(cfg, tasks)
+    seeds = cfg.member_seeds()
+    students = [build_student(cfg, tasks, seed) for seed in seeds]
     teacher = cfg.teacher if cfg.d_coef > 0 else None
-    trainer = offline_trainer(student, store, train_config(cfg), teacher_path=teacher)
+    members = offline_members(students, store, train_config(cfg), seeds, teacher_path=teacher, log=log)
+    executor = "population" if isinstance(members, Population) else "separate"
     if ctx.restore_dir is not None:
-        trainer.load(ctx.restore_dir / TRAINER_FILE)
-        log(f"restored from step {trainer.step}")
-    restored_from = trainer.step if ctx.restore_dir is not None else None
+        saved_seeds = json.loads((ctx.restore_dir / MEMBERS_FILE).read_text())
+        members.keep([seeds.index(s) for s in saved_seeds])
+        members.load(ctx.restore_dir / TRAINER_FILE)
+        log(f"restored from step {members.step}")
+    restored_from = members.step if ctx.restore_dir is not None else None
     start = time.perf_counter()
-    while trainer.step < cfg.steps:
-        chunk = min(cfg.eval_every - trainer.step % cfg.eval_every, cfg.steps - trainer.step)
+    while members.step < cfg.steps and members.K:
+        chunk = min(cfg.eval_every - members.step % cfg.eval_every, cfg.steps - members.step)
         for _ in range(chunk):
-            _inject_faults(cfg, ctx, trainer.step, student)
-            try:
-                metrics = trainer.update()
-            except RuntimeError:
-                if _parameters_finite(student):
-                    raise  # a genuine failure: let the scheduler retry from the checkpoint
-                metrics = {"total": float("nan")}  # NaN weights break two-hot indexing mid-update
-            loss = metrics["total"]
-            if not math.isfinite(loss):
-                report(_row(cfg, ctx, trainer.step, "train", "fp32", None, cfg.eval_episodes,
-                            error=f"diverged: non-finite loss at step {trainer.step}"), None)
-                return
-        scores = _evaluate(student, cfg, tasks)
+            _inject_faults(cfg, ctx, members.step, members)
+            losses = _update(members)
+            diverged = [k for k, loss in enumerate(losses) if not math.isfinite(loss)]
+            if diverged:
+                report([_row(cfg, ctx, members.seeds[k], members.step, "train", "fp32", None,
+                             error=f"diverged: non-finite loss at step {members.step}") for k in diverged], None)
+                members.keep([k for k in range(members.K) if k not in diverged])
+                if not members.K:
+                    return
+        evaluations = [_evaluate(members.member(k), cfg, tasks, seed) for k, seed in enumerate(members.seeds)]
+        rate = members.step * members.K / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as checkpoint_dir:
-            trainer.save(Path(checkpoint_dir) / TRAINER_FILE)
-            report(_row(cfg, ctx, trainer.step, "train", "fp32", scores, cfg.eval_episodes,
-                        restored_from=restored_from, updates_per_s=trainer.step / (time.perf_counter() - start)),
-                   Path(checkpoint_dir))
+            members.save(Path(checkpoint_dir) / TRAINER_FILE)
+            (Path(checkpoint_dir) / MEMBERS_FILE).write_text(json.dumps(members.seeds))
+            report([_row(cfg, ctx, seed, members.step, "train", "fp32", evaluation, restored_from=restored_from,
+                         updates_per_s=rate, executor=executor, members=members.K)
+                    for seed, evaluation in zip(members.seeds, evaluations)], Path(checkpoint_dir))
     if not cfg.quant_modes:
         return
     from agent.quantize import quantize_file
 
     with tempfile.TemporaryDirectory() as scratch:
-        fp32_file = save_world_model(student, Path(scratch) / "student.pt")
+        files = [save_world_model(members.member(k), Path(scratch) / f"student-{seed}.pt")
+                 for k, seed in enumerate(members.seeds)]
         for mode in cfg.quant_modes:  # each precision goes through a real file and the loader
-            result = quantize_file(fp32_file, mode, Path(scratch) / f"student-{mode}.pt")
-            scores = _evaluate(load_world_model(result.path), cfg, tasks)
-            report(_row(cfg, ctx, trainer.step, "final", mode, scores, cfg.eval_episodes, size_mib=result.size_mib), None)
+            rows = []
+            for seed, fp32_file in zip(members.seeds, files):
+                result = quantize_file(fp32_file, mode, Path(scratch) / f"student-{seed}-{mode}.pt")
+                evaluation = _evaluate(load_world_model(result.path), cfg, tasks, seed)
+                rows.append(_row(cfg, ctx, seed, members.step, "final", mode, evaluation, size_mib=result.size_mib))
+            report(rows, None)

@@ -28,9 +28,12 @@ def trainable(param_space: dict[str, Any]) -> None:
         ctx = TrialContext(trial_id=context.get_trial_id(), restore_dir=restore_path,
                            node_id=ray.get_runtime_context().get_node_id())
 
-        def report(row: dict[str, Any], checkpoint_dir: Path | None) -> None:
-            metrics = {"score": row["score"] if row["score"] is not None else float("nan"), "step": row["step"],
-                       "phase": row["phase"], "row_json": json.dumps(row)}
+        def report(rows: list[dict[str, Any]], checkpoint_dir: Path | None) -> None:
+            # Tune's metric (searchers, ASHA) is the members' mean score; the rows travel whole
+            scores = [r["score"] for r in rows if r["score"] is not None]
+            metrics = {"score": sum(scores) / len(scores) if scores else float("nan"), "step": rows[0]["step"],
+                       "phase": rows[0]["phase"], "quant": rows[0]["quant"], "members": len(rows),
+                       "row_json": json.dumps(rows)}
             checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
             tune.report(metrics, checkpoint=checkpoint)
 

@@ -100,3 +100,25 @@ def test_targets_the_population_cannot_serve_are_refused():
     cfg = TrainConfig(distill=DistillConfig(target="policy"))
     with pytest.raises(ConfigError, match="cannot serve distillation target 'policy'"):
         Population(models, cfg, cached_teacher=True, teacher=small_model(seed=1, num_q=2))
+
+
+def test_dropping_a_member_leaves_the_others_training_as_before():
+    """keep([0, 2]) after two updates: members 0 and 2 go on exactly as in the full population."""
+    models = [small_model(seed=s, num_q=2, dropout=0.0) for s in range(3)]
+    cfg = TrainConfig(batch_size=B, distill=DistillConfig(target=None))
+    batches = _batches(4, 3, seed=2, num_tasks=len(models[0].cfg.tasks), teacher=False)
+    g = torch.Generator().manual_seed(5)
+    eps = [(torch.randn(3, H, B, 6, generator=g), torch.randn(3, H + 1, B, 6, generator=g)) for _ in range(4)]
+    full, cut = Population(models, cfg, seeds=[1, 2, 3]), Population(models, cfg, seeds=[1, 2, 3])
+    for t in range(4):
+        if t == 2:
+            with torch.no_grad():
+                cut.params["_dynamics.0.weight"][1].fill_(float("nan"))
+            assert cut.finite_members() == [True, False, True]
+            cut.keep([0, 2])
+        keep = [0, 2] if t >= 2 else [0, 1, 2]
+        full.update(batches[t], *eps[t])
+        cut.update([batches[t][k] for k in keep], eps[t][0][keep], eps[t][1][keep])
+    assert cut.K == 2 and cut.seeds == [1, 3] and cut.finite_members() == [True, True]
+    for name in full.params:
+        torch.testing.assert_close(cut.params[name], full.params[name][[0, 2]], rtol=0, atol=0, msg=name)

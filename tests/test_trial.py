@@ -1,0 +1,77 @@
+"""One trial without Ray: a setting's seeds train as one population, one row per member and
+evaluation; a diverged member leaves, the others finish; a restored trial continues."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from sweeps.config import preset_config
+from sweeps.setup import resolve_inputs
+from sweeps.trial import MEMBERS_FILE, TRAINER_FILE, TrialContext, run_trial
+
+
+@pytest.fixture(scope="module")
+def smoke_inputs(tmp_path_factory):
+    return resolve_inputs("smoke", [], None, tmp_path_factory.mktemp("setup"))
+
+
+def _config(inputs, **overrides):
+    values = dict(data=inputs.data, teacher=inputs.teachers["large"], num_seeds=3, steps=20, eval_every=10,
+                  quant_modes=["fp32"], d_coef=0.45)
+    return preset_config("smoke").with_overrides({**values, **overrides})
+
+
+class Collect:
+    def __init__(self, keep_checkpoint: Path | None = None):
+        self.reports: list[list[dict]] = []
+        self.keep = keep_checkpoint
+
+    def __call__(self, rows, checkpoint_dir):
+        self.reports.append(rows)
+        if checkpoint_dir is not None and self.keep is not None:
+            for name in (TRAINER_FILE, MEMBERS_FILE):
+                (self.keep / name).write_bytes((checkpoint_dir / name).read_bytes())
+
+    @property
+    def rows(self):
+        return [r for rows in self.reports for r in rows]
+
+
+def test_trial_trains_its_seeds_as_one_population_with_a_row_per_member(smoke_inputs):
+    collect = Collect()
+    run_trial(_config(smoke_inputs), TrialContext("t1"), collect)
+    train = [r for r in collect.rows if r["phase"] == "train"]
+    assert [(r["step"], r["config"]["seed"]) for r in train] == [(10, 1), (10, 2), (10, 3), (20, 1), (20, 2), (20, 3)]
+    assert all(r["executor"] == "population" and r["members"] == 3 for r in train)
+    assert all(r["eval_se"] is not None and r["eval_se"] >= 0 and math.isfinite(r["score"]) for r in train)
+    # the members are different students: different seeds, different weights, (almost surely) different scores
+    assert len({round(r["score"], 6) for r in train if r["step"] == 20}) > 1 or len({r["eval_se"] for r in train}) > 1
+    final = [r for r in collect.rows if r["phase"] == "final"]
+    assert sorted(r["config"]["seed"] for r in final) == [1, 2, 3] and all(r["quant"] == "fp32" for r in final)
+
+
+def test_diverged_member_leaves_and_the_others_finish(smoke_inputs):
+    collect = Collect()
+    run_trial(_config(smoke_inputs, fault_nan_at_step=12, fault_nan_seed=2), TrialContext("t2"), collect)
+    errors = [r for r in collect.rows if r["status"] == "error"]
+    assert [(r["config"]["seed"], r["step"]) for r in errors] == [(2, 13)]  # the first update from NaN weights and "diverged" in errors[0]["error"]
+    finals = sorted(r["config"]["seed"] for r in collect.rows if r["phase"] == "final")
+    assert finals == [1, 3]
+    assert [r["config"]["seed"] for r in collect.rows if r["phase"] == "train" and r["step"] == 20] == [1, 3]
+
+
+def test_restored_trial_continues_from_its_checkpoint(smoke_inputs, tmp_path):
+    first = Collect(keep_checkpoint=tmp_path)
+    cfg = _config(smoke_inputs, steps=10)
+    run_trial(cfg, TrialContext("t3"), first)
+    cfg20 = _config(smoke_inputs)
+    resumed = Collect()
+    run_trial(cfg20, TrialContext("t3", restore_dir=tmp_path), resumed)
+    train = [r for r in resumed.rows if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [20, 20, 20] and all(r["restored_from"] == 10 for r in train)
+    straight = Collect()
+    run_trial(cfg20, TrialContext("t4"), straight)
+    expect = {r["config"]["seed"]: r["score"] for r in straight.rows if r["phase"] == "train" and r["step"] == 20}
+    assert {r["config"]["seed"]: r["score"] for r in train} == pytest.approx(expect, abs=1e-9)

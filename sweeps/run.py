@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweeps/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default="d_coef", help=f"ablation grid: {', '.join(GRID_NAMES)} (default d_coef)")
     p.add_argument("--preset", default="quick", help=f"{', '.join(PRESETS)} (default quick: the MT-mini benchmark)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per grid point, trained as one population in one trial (default: the preset's; quick 5)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a trial setting (JSON values), e.g. --set steps=5000 --set eval_episodes=3")
     p.add_argument("--search", choices=["grid", "optuna"], default="grid",
@@ -72,7 +73,7 @@ def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]
         raise UsageError(f"unknown grid {args.grid!r}; known: {', '.join(GRID_NAMES)}")
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     _positive("--num-samples", args.num_samples)
     _positive("--cpus-per-trial", args.cpus_per_trial)
@@ -94,13 +95,13 @@ def trial_configs(args: argparse.Namespace, base: TrialConfig, teachers: dict[st
                   overrides: dict[str, Any]) -> list[dict[str, Any]]:
     points = grid_points(args.grid, base, [k for k in teachers if k != "default"] or [default_teacher])
     configs = []
-    for point in points:
-        for seed in range(1, args.seeds + 1):
-            values = {**point, **{k: v for k, v in overrides.items() if k not in point}, "seed": seed + base.seed - 1}
-            cfg = base.with_overrides(values)
-            label = cfg.teacher_size if cfg.teacher_size in teachers else default_teacher
-            cfg.teacher, cfg.teacher_size = cfg.teacher or teachers[label], label
-            configs.append(cfg.validate().to_dict())
+    num_seeds = args.seeds or base.num_seeds
+    for point in points:  # one trial per grid point, its seeds trained together (TrialConfig.num_seeds)
+        values = {**point, **{k: v for k, v in overrides.items() if k not in point}, "num_seeds": num_seeds}
+        cfg = base.with_overrides(values)
+        label = cfg.teacher_size if cfg.teacher_size in teachers else default_teacher
+        cfg.teacher, cfg.teacher_size = cfg.teacher or teachers[label], label
+        configs.append(cfg.validate().to_dict())
     return configs
 
 
@@ -147,7 +148,7 @@ def run_sweep(args: argparse.Namespace) -> Path:
     write_sweep_meta(local_out, {
         "name": f"{args.grid}-{args.preset}", "grid": args.grid if args.search == "grid" else "search",
         "swept": swept_keys(args.grid) if args.search == "grid" else ["d_coef", "batch_size", "lr"],
-        "preset": args.preset, "seeds": args.seeds, "tasks": base.eval_tasks or store_tasks,
+        "preset": args.preset, "seeds": args.seeds or base.num_seeds, "tasks": base.eval_tasks or store_tasks,
         "task_set": "mt30" if len(store_tasks) == 30 else ("mt-mini" if args.preset == "quick" else args.preset),
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "teacher": {"paths": inputs.teachers, "default": inputs.default_teacher},

@@ -3,6 +3,7 @@ cache is built once, and re-evaluating a teacher reproduces its manifest score."
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from agent.benchmarks import mt_mini
-from agent.benchmarks.recipe import RecipeConfig, TeacherRecipe, build, stage_names
+from agent.benchmarks.recipe import RecipeConfig, TeacherRecipe, build, stage_names, store_sha256
 from agent.checkpoint import load_world_model
 from agent.data import EpisodeStore
+from agent.errors import ConfigError
 
 TINY_TASKS = ("cartpole-balance", "cup-catch")
 
@@ -107,17 +109,28 @@ def test_changed_budget_reruns_only_the_affected_stage(tiny_build: Path, tmp_pat
 
 # -- dataset ------------------------------------------------------------------------------------
 
-def test_ensure_dataset_builds_once_and_reuses(tiny_build: Path, tmp_path: Path):
-    first = mt_mini.ensure_dataset(tmp_path, episodes_per_task=2, progress=False, directory=tiny_build)
+def test_ensure_dataset_copies_the_pooled_replay_once_and_checks_it(tiny_build: Path, tmp_path: Path):
+    m = mt_mini.manifest(tiny_build)
+    cfg = tiny_recipe()
+    first = mt_mini.ensure_dataset(tmp_path, progress=False, directory=tiny_build)
     store = EpisodeStore(first)
-    assert store.num_episodes == 2 * len(TINY_TASKS)
-    assert store.tasks == list(TINY_TASKS) and store.episode_length == 11
-    assert sorted(set(store.task.tolist())) == [0, 1]
+    episodes_per_task = -(-cfg.online_steps // cfg.episode_steps)
+    assert store.num_episodes == m["data"]["episodes"] == episodes_per_task * len(TINY_TASKS)
+    assert store.tasks == list(TINY_TASKS) and store.episode_length == cfg.episode_steps + 1
+    # task by task, each task's online run from its first (random) episode to its last
+    assert store.task.tolist() == [0] * episodes_per_task + [1] * episodes_per_task
+    assert m["data"]["sha256"] == store_sha256(first) and m["data"]["transitions"] == store.num_episodes * cfg.episode_steps
     uid = store.uid
-    started = time.perf_counter()
-    second = mt_mini.ensure_dataset(tmp_path, episodes_per_task=2, progress=False, directory=tiny_build)
-    assert time.perf_counter() - started < 2
+    second = mt_mini.ensure_dataset(tmp_path, progress=False, directory=tiny_build)
     assert second == first and EpisodeStore(second).uid == uid
+    # a damaged shipped copy is refused with one clear error, nothing half-copied is left
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_build, damaged)
+    reward = next((damaged / "data").glob("reward*.npy"))
+    reward.write_bytes(reward.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(ConfigError, match="checksum differs"):
+        mt_mini.ensure_dataset(tmp_path / "other", progress=False, directory=damaged)
+    assert not any((tmp_path / "other").glob("pool-*"))
 
 
 def test_dataset_cache_root_follows_env(monkeypatch, tmp_path: Path):

@@ -1,10 +1,11 @@
-"""The MT-mini distillation dataset: rollouts of the large teacher (MPPI, MT-mini planner) in an
-episode store, built once per (teacher file, settings) and cached."""
+"""MT-mini data helpers: the cached copy of the shipped distillation store (the pooled online
+replay), and optional rollouts of a teacher (MPPI, MT-mini planner) into a new store."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,25 +60,31 @@ def collect_dataset(teacher: Path, out: Path, spec: DatasetSpec, num_envs: int =
     return EpisodeStore(out)
 
 
-def cached_dataset(teacher: Path, spec: DatasetSpec, cache_root: Path, progress: bool = True) -> Path:
-    """The store for `spec` under `cache_root`, collected on first use (one builder at a time;
-    concurrent callers wait for it)."""
+def cached_store_copy(source: Path, sha256: str, cache_root: Path, progress: bool = True) -> Path:
+    """A copy of the shipped store `source` under `cache_root` (the teacher-target cache is written
+    beside a store, so the shipped one stays read-only), made on first use and checked against
+    `sha256` (recipe.store_sha256); one copier at a time, concurrent callers wait for it."""
+    from agent.benchmarks.recipe import store_sha256
     from agent.data import EpisodeStore, StoreError
+    from agent.errors import ConfigError
 
     cache_root.mkdir(parents=True, exist_ok=True)
-    out = cache_root / f"dataset-{spec.key()}"
-    with FileLock(str(cache_root / f".dataset-{spec.key()}.lock")):
+    out = cache_root / f"pool-{sha256[:16]}"
+    with FileLock(str(cache_root / f".pool-{sha256[:16]}.lock")):
         if out.exists():
             try:
                 EpisodeStore(out)
                 return out
             except StoreError:
-                pass  # an unreadable leftover: rebuild below
+                shutil.rmtree(out)  # an unreadable leftover: copy again below
         started = time.perf_counter()
+        staging = cache_root / f".pool-{sha256[:16]}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        if store_sha256(staging) != sha256:
+            shutil.rmtree(staging)
+            raise ConfigError(f"MT-mini data {source}: checksum differs from MANIFEST (damaged checkout?)")
+        staging.replace(out)
         if progress:
-            print(f"MT-mini: collecting {spec.episodes_per_task} episodes x {len(spec.tasks)} tasks from the large "
-                  f"teacher into {out} (once)", flush=True)
-        store = collect_dataset(teacher, out, spec, progress=progress, mode="overwrite")
-        if progress:
-            print(f"MT-mini: dataset ready, {store.num_episodes} episodes in {time.perf_counter() - started:.0f}s", flush=True)
+            print(f"MT-mini: distillation store copied to {out} ({time.perf_counter() - started:.1f}s, once)", flush=True)
     return out

@@ -44,7 +44,7 @@ def _stage_summary(record: "StageRecord") -> dict[str, Any]:
 
 
 def build_manifest(cfg: "RecipeConfig", records: list["StageRecord"],
-                   candidates: dict[str, float] | None = None) -> dict[str, Any]:
+                   candidates: dict[str, float] | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
     by_name = {r.name: r for r in records}
     teachers = {}
     for t in cfg.teachers:
@@ -68,6 +68,7 @@ def build_manifest(cfg: "RecipeConfig", records: list["StageRecord"],
                                     "task_scores": scratch["task_scores"], "episode_scores": scratch["episode_scores"]}},
         "task_selection": {"single_task_scores": candidates or {}, "chosen": list(cfg.tasks),
                            "rule": "tasks whose short single-task online run (same settings) learns fastest"},
+        "data": data or {},
         "recipe": cfg.to_dict(),
         "stages": [_stage_summary(r) for r in records],
         "total_wall_s": round(sum(r.wall_s for r in records), 1),
@@ -88,6 +89,11 @@ def render_markdown(m: dict[str, Any]) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in t["dims"].items())
         lines.append(f"| {name} | {t['params']:,} | {dims} | {t['score']:.1f} | "
                      + " | ".join(f"{t['task_scores'][task]:.1f}" for task in m["tasks"]) + " |")
+    data = m.get("data") or {}
+    if data:
+        lines += ["", f"Distillation data (`{data['dir']}/`, the quick preset's store): {data['source']}; "
+                  f"{data['episodes']} episodes, {data['transitions']:,} transitions, {data['bytes'] / 2**20:.1f} MiB, "
+                  f"sha256 of the arrays {data['sha256'][:16]}…"]
     selection = m.get("task_selection", {}).get("single_task_scores", {})
     if selection:
         lines += ["", "Task selection: single-task online runs (same budget), MT-mini score of each run's own model:", "",
@@ -109,8 +115,8 @@ def render_markdown(m: dict[str, Any]) -> str:
 
 
 def write_manifest(cfg: "RecipeConfig", records: list["StageRecord"], out: Path,
-                   candidates: dict[str, float] | None = None) -> dict[str, Any]:
-    manifest = build_manifest(cfg, records, candidates)
+                   candidates: dict[str, float] | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    manifest = build_manifest(cfg, records, candidates, data)
     for name, text in (("MANIFEST.json", json.dumps(manifest, indent=1) + "\n"), ("MANIFEST.md", render_markdown(manifest))):
         tmp = out / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(text)

@@ -4,9 +4,9 @@ Library (what the sweep service calls):
 
     mt_mini_tasks()                  -> ['cartpole-balance', ...]   (the manifest's task order = task ids)
     teacher_path('small' | 'large')  -> Path of a shipped teacher checkpoint (our format)
-    ensure_dataset(cache_dir=None)   -> Path of an episode store collected from the large teacher
-                                        (built on first use under ~/.cache/distill-sweeps/mt-mini/
-                                        or $DISTILL_CACHE/mt-mini, reused afterwards)
+    ensure_dataset(cache_dir=None)   -> Path of the distillation store: the pooled replay of the
+                                        online learners, shipped in the assets and copied on first
+                                        use under ~/.cache/distill-sweeps/mt-mini/ (or $DISTILL_CACHE)
     manifest()                       -> the shipped MANIFEST.json as a dict
     student_config(**dims)           -> ModelConfig of an MT-mini student (MT30 padding 24 / 6)
     evaluate_mt_mini(model)          -> DataFrame task/episode/return/score with the MT-mini protocol
@@ -29,29 +29,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.benchmarks.dataset import DatasetSpec, cached_dataset, collect_dataset, default_cache_root
+from agent.benchmarks.dataset import DatasetSpec, cached_store_copy, collect_dataset, default_cache_root
 from agent.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "mt_mini"
 TEACHER_SIZES = ("small", "large")
 
-# The quick preset (8 d_coef trials x 1 seed, 2 in parallel on 2 cores, <= 20 min including the
-# dataset): students ~3x smaller than the small teacher. Measured on the loaded 2-core dev box
-# (one thread per process, 3 busy processes): dataset 125 s (once), per trial 15 s teacher cache +
-# 15 upd/s at batch 128 + 18 s per evaluation -> ~2.5-3 min per trial, 4 rounds of 2 trials.
+# The quick preset: 8 d_coef trials x 5 seeds, each trial one population of 5 students, 2 trials
+# in parallel on 2 cores. Settings fixed before any d_coef was compared (see README for the
+# measured wall time of the whole command).
 QUICK_DEFAULTS: dict[str, Any] = {
     # keys named as `sweeps.config.TrialConfig` fields (the quick preset copies the ones it knows)
     "student_dims": dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2),  # ~23k params
+    "num_seeds": 5,
     "steps": 2000,
     "batch_size": 128,
-    "eval_every": 2000,          # one evaluation at the end of training
-    "eval_episodes": 2,
+    "eval_every": 500,           # 4 evaluation points per learning curve
+    "eval_episodes": 3,
     "eval_max_steps": 200,       # MT-mini episodes (the manifest's episode_steps)
     "eval_planner": {"num_samples": 128, "iterations": 3},  # the manifest's planner
-    "quant_modes": ["fp32"],     # each extra mode costs one more evaluation
+    "quant_modes": ["fp32"],     # each extra mode costs one more evaluation per student
     "teacher_size": "large",
-    # not trial settings: the dataset ensure_dataset() builds, and torch threads per trial process
-    "dataset_episodes_per_task": 8,
+    # not a trial setting: torch threads per trial process
     "torch_threads": 1,
 }
 
@@ -97,18 +96,24 @@ def student_config(directory: Path | None = None, **dims: int):
 
 
 def dataset_spec(episodes_per_task: int, directory: Path | None = None, seed: int = 1) -> DatasetSpec:
+    """Settings of a large-teacher rollout store (the `dataset` command; not the quick preset's data)."""
     m = manifest(directory)
     return DatasetSpec(teacher_sha256=m["teachers"]["large"]["sha256"], tasks=tuple(m["tasks"]),
                        episodes_per_task=episodes_per_task, episode_steps=m["episode_steps"],
                        planner=tuple(sorted(m["planner"].items())), seed=seed)
 
 
-def ensure_dataset(cache_dir: Path | None = None, episodes_per_task: int = QUICK_DEFAULTS["dataset_episodes_per_task"],
-                   progress: bool = True, directory: Path | None = None) -> Path:
-    """The MT-mini distillation store (large-teacher rollouts), collected on first use into
-    `cache_dir` (default `$DISTILL_CACHE/mt-mini` or `~/.cache/distill-sweeps/mt-mini`)."""
+def ensure_dataset(cache_dir: Path | None = None, progress: bool = True, directory: Path | None = None) -> Path:
+    """The MT-mini distillation store: the pooled replay of the online learners shipped with the
+    assets (MANIFEST `data`), copied on first use into `cache_dir` (default `$DISTILL_CACHE/mt-mini`
+    or `~/.cache/distill-sweeps/mt-mini`) and checked against its checksum."""
+    directory = Path(directory or ASSETS).resolve()
+    data = manifest(directory).get("data")
+    if not data:
+        raise MiniBenchmarkError(f"MT-mini manifest in {directory} names no distillation data; rebuild with "
+                                 "`python -m agent.benchmarks.mt_mini build`")
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    return cached_dataset(teacher_path("large", directory), dataset_spec(episodes_per_task, directory), root, progress)
+    return cached_store_copy(directory / data["dir"], data["sha256"], root, progress)
 
 
 def evaluate_mt_mini(model, episodes: int | None = None, seed: int | None = None, progress: bool = False,
@@ -201,9 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("stage", help="e.g. eval:teacher-large, teacher:small, online:cartpole-balance")
     v.add_argument("--dir", type=Path, default=None, help="build directory (default: the shipped assets)")
     v.add_argument("--work", type=Path, default=None, help="build work directory (teacher:* needs its pool)")
-    s = sub.add_parser("dataset", help="collect the MT-mini dataset from the large teacher into a store")
+    s = sub.add_parser("dataset", help="roll the large teacher out into a new store (an alternative dataset)")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--episodes-per-task", type=int, default=QUICK_DEFAULTS["dataset_episodes_per_task"])
+    s.add_argument("--episodes-per-task", type=int, default=8)
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--dir", type=Path, default=None, help="build directory (default: the shipped assets)")
     return p

@@ -46,6 +46,9 @@ TARGET_PREFIX, ONLINE_Q_PREFIX = "_target_Qs.", "_Qs."
 # (trains the policy prior inside the model loss) and `latent_linear` (a trainable projection) are
 # served by separate Trainers.
 POPULATION_TARGETS = (None, "reward", "reward_observed", "reward_multistep", "value", "latent_pca")
+# fp32: TF32 matmuls on CUDA where the process enabled them; bf16: the model loss under autocast
+# (weights, Adam state and the policy loss stay fp32)
+PRECISIONS = ("fp32", "bf16")
 
 
 class _ModelLoss(nn.Module):
@@ -99,10 +102,16 @@ class Population:
 
     def __init__(self, models: Sequence[WorldModel], cfg: TrainConfig, batch_sources: Sequence[Callable[[], Any]] | None = None,
                  teacher: WorldModel | None = None, *, seeds: Sequence[int] | None = None, cached_teacher: bool = False,
-                 pca: Any = None):
+                 pca: Any = None, precision: str = "fp32"):
         self.cfg = cfg.validate()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         if not models:
             raise ConfigError("a population needs at least one member")
+        if precision == "bf16" and next(models[0].parameters()).device.type != "cuda":
+            # CPU autocast under torch.func.grad fails in backward (mixed bf16/fp32 operands)
+            raise ConfigError("precision bf16 is a CUDA option; on CPU train in fp32")
         model_cfg = models[0].cfg
         if any(m.cfg != model_cfg for m in models):
             raise ConfigError("population members must share one model config")
@@ -182,6 +191,14 @@ class Population:
         for k in range(self.K):
             torch.embedding_renorm_(weight[k], task[k], self.max_norm, 2.0)
 
+    def _to_device(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Host batches go to a CUDA device from pinned memory, without blocking the host."""
+        if x is None or x.device == self.device:
+            return x
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
+
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         """(K, *shape) standard normal, member k from its own generator."""
         return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
@@ -218,7 +235,7 @@ class Population:
 
     def _update(self, batches, eps_td, eps_pi) -> list[dict[str, float]]:
         bs = self._batches(batches)
-        move = lambda x: None if x is None else x.to(self.device, non_blocking=True)  # noqa: E731
+        move = self._to_device
         obs, action, reward = (move(_stack([getattr(b, f) for b in bs])) for f in ("obs", "action", "reward"))
         task = move(_stack([b.task for b in bs]))
         cached = [b.teacher or TeacherTargets() for b in bs]
@@ -236,8 +253,11 @@ class Population:
         self._renorm_task_emb(task)
         model_params = {n: self.params[n] for n in self.model_names}
         pi_params = {n: self.params[n] for n in self.pi_names}
-        grads, (total, (terms, zs)) = self._per_member(self._model_call, model_params, {**pi_params, **self.targets}, obs, action,
-                                              reward, task, teacher_reward, teacher_latent, eps_td, self.discount)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            grads, (total, (terms, zs)) = self._per_member(self._model_call, model_params, {**pi_params, **self.targets},
+                                                           obs, action, reward, task, teacher_reward, teacher_latent,
+                                                           eps_td, self.discount)
+        zs = zs.float()
         grad_norm = self._clip(self.model_names, grads)
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
@@ -401,20 +421,26 @@ class SeparateMembers:
 
 
 def offline_members(models: Sequence[WorldModel], store: Any, cfg: TrainConfig, seeds: Sequence[int],
-                    teacher_path: str | os.PathLike | None = None, log: Callable[[str], None] = print):
-    """K students (one per seed) training offline on `store`: a Population when the executor can
-    serve the setting, else SeparateMembers (and `log` says why). Batch source k is seeded seeds[k]."""
+                    teacher_path: str | os.PathLike | None = None, log: Callable[[str], None] = print,
+                    precision: str = "fp32"):
+    """K students (one per seed) training offline on `store` on their device: a Population when
+    the executor can serve the setting, else SeparateMembers (and `log` says why). Batch source k
+    is seeded seeds[k]."""
     from dataclasses import replace
 
     from agent.train import Trainer, offline_inputs
 
-    inputs = offline_inputs(models[0], store, cfg, teacher_path)
+    device = next(models[0].parameters()).device
+    inputs = offline_inputs(models[0], store, cfg, teacher_path, device=device)
     tasks = list(models[0].cfg.tasks)
     sources = [inputs.batches(int(s), tasks) for s in seeds]
     cached = inputs.cache is not None
     target = inputs.cfg.distill.target if (inputs.teacher is not None or cached) else None
     if target in POPULATION_TARGETS:
-        return Population(models, inputs.cfg, sources, inputs.teacher, seeds=seeds, cached_teacher=cached, pca=inputs.pca)
+        return Population(models, inputs.cfg, sources, inputs.teacher, seeds=seeds, cached_teacher=cached, pca=inputs.pca,
+                          precision=precision)
+    if precision != "fp32":
+        raise ConfigError(f"precision {precision!r} needs the population executor, which cannot serve target {target!r}")
     log(f"population executor: target {target!r} is not served; training the {len(models)} members one after another")
     return SeparateMembers([Trainer(m, replace(inputs.cfg, seed=int(s)), src, inputs.teacher, pca=inputs.pca,
                                     cached_teacher=cached) for m, s, src in zip(models, seeds, sources)], seeds)

@@ -355,13 +355,15 @@ class OfflineInputs:
 
 
 def offline_inputs(model: WorldModel, store: Any, cfg: TrainConfig | None = None,
-                   teacher_path: str | os.PathLike | None = None, *, use_cache: bool = True) -> OfflineInputs:
+                   teacher_path: str | os.PathLike | None = None, *, use_cache: bool = True,
+                   device: str | torch.device = "cpu") -> OfflineInputs:
     """The store, cache and teacher for training `model` (or students of its config) offline.
 
     Cacheable targets (reward, reward_observed, latent_pca) read the teacher-target cache (built on
     first use, keyed by the teacher file's hash) and need no live teacher; other targets load
     the teacher and run it live. The cache is used only when the store's and the model's task
-    lists agree (its teacher outputs are keyed by the store's ids).
+    lists agree (its teacher outputs are keyed by the store's ids). `device` runs the teacher
+    (live, or while building the cache); cached targets stay on the host until a batch moves.
     """
     from agent.data import EpisodeStore, TeacherCache
 
@@ -373,12 +375,12 @@ def offline_inputs(model: WorldModel, store: Any, cfg: TrainConfig | None = None
     inputs = OfflineInputs(store, cfg)
     if target in CACHEABLE and use_cache and list(store.tasks) == list(model.cfg.tasks):
         pca_dim = model.cfg.latent_dim if target == "latent_pca" else None
-        inputs.cache = TeacherCache.get_or_build(store, teacher_path, pca_dim=pca_dim)
+        inputs.cache = TeacherCache.get_or_build(store, teacher_path, pca_dim=pca_dim, device=str(device))
         if inputs.cache.pca is not None:
             pca = inputs.cache.pca
             inputs.pca = PcaProjection(torch.from_numpy(np.array(pca.mean)), torch.from_numpy(np.array(pca.components)))
     elif target is not None:
-        inputs.teacher = load_world_model(teacher_path)
+        inputs.teacher = load_world_model(teacher_path, device=device)
         if target == "latent_pca":
             inputs.pca = fit_store_pca(inputs.teacher, store, model.cfg.latent_dim, cfg.distill.pca_fit_rows,
                                        cfg.distill.pca_seed)

@@ -7,6 +7,9 @@ from typing import Any
 from agent.config import DISTILL_TARGETS, QUANT_MODES
 from agent.errors import ConfigError
 
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")  # agent.population.PRECISIONS
+
 
 @dataclass
 class TrialConfig:
@@ -34,6 +37,8 @@ class TrialConfig:
     eval_max_steps: int | None = None  # None = the official 500 agent steps
     eval_planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for evaluation
     quant_modes: list[str] = field(default_factory=lambda: ["fp32", "fp16"])
+    device: str = "auto"              # auto: cuda when Ray gave the trial a GPU, else cpu
+    precision: str = "fp32"           # training precision: fp32 (TF32 matmuls on CUDA) or bf16 autocast
     # fault injection, for the service's own failure tests: the trials with seed `fault_*_seed`
     # are killed (first attempt only) / made to diverge at that step
     fault_kill_at_step: int | None = None
@@ -54,6 +59,10 @@ class TrialConfig:
         unknown = [m for m in self.quant_modes if m not in QUANT_MODES]
         if unknown:
             raise ConfigError(f"unknown quantization mode {unknown[0]!r}; known: {', '.join(QUANT_MODES)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.eval_max_steps is not None and self.eval_max_steps < 1:
             raise ConfigError(f"eval_max_steps must be >= 1, got {self.eval_max_steps}")
         return self

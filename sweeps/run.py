@@ -112,6 +112,8 @@ def _storage(out: str) -> tuple[bool, str]:
 
 def run_sweep(args: argparse.Namespace) -> Path:
     base, overrides = validate_args(args)
+    if args.address is None:
+        check_local_gpus(args.gpus_per_trial, base)
     out = args.out or _default_out(args)
     remote, storage_path = _storage(out)
     local_out = Path(out) if not remote else Path(_REPO / "runs" / ".remote" / out.split("://", 1)[1])
@@ -131,6 +133,8 @@ def run_sweep(args: argparse.Namespace) -> Path:
                                                                  "MUJOCO_GL": os.environ["MUJOCO_GL"],
                                                                  "PYTHONPATH": str(_REPO)}})
     try:
+        if args.address is not None:
+            check_cluster_gpus(args.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
         fn = tune.with_resources(trainable, resources)
         experiment = f"{storage_path}/{EXPERIMENT}"
@@ -159,6 +163,24 @@ def run_sweep(args: argparse.Namespace) -> Path:
     if remote:
         _upload(local_out, out)
     return local_out
+
+
+def check_local_gpus(gpus_per_trial: float, base: TrialConfig) -> None:
+    """Refuse GPU requests this machine cannot meet (trials would wait for a GPU forever)."""
+    import torch
+
+    if gpus_per_trial > 0 and not torch.cuda.is_available():
+        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g}: this machine has no CUDA GPU (torch sees none); "
+                         "drop the flag, or run on a GPU cluster with --address")
+    if base.precision == "bf16" and gpus_per_trial == 0:
+        raise UsageError("precision=bf16 is a CUDA option: it needs --gpus-per-trial > 0")
+    if base.device == "cuda" and gpus_per_trial == 0:
+        raise UsageError("device=cuda needs --gpus-per-trial > 0 (Ray gives a trial a GPU only when it asks for one)")
+
+
+def check_cluster_gpus(gpus_per_trial: float, cluster_gpus: float) -> None:
+    if gpus_per_trial > 0 and cluster_gpus < gpus_per_trial:
+        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g}: the Ray cluster has {cluster_gpus:g} GPUs")
 
 
 def resolve_inputs_for(args: argparse.Namespace, local_out: Path):

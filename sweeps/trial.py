@@ -50,6 +50,19 @@ def build_student(cfg: TrialConfig, tasks: list[str], seed: int | None = None) -
     return WorldModel(model_config(cfg.student_size, tasks=tasks, **cfg.student_dims))
 
 
+def trial_device(cfg: TrialConfig) -> torch.device:
+    """The trial's device: `cfg.device`, where `auto` is cuda when a GPU is visible to this
+    process (Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs; none without --gpus-per-trial)."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()
+                                and os.environ.get("CUDA_VISIBLE_DEVICES", "") != ""):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but this trial's process sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the fp32 path's speed on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def train_config(cfg: TrialConfig) -> TrainConfig:
     return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                        distill=DistillConfig(target=cfg.target if cfg.d_coef > 0 else None, d_coef=cfg.d_coef)).validate()
@@ -128,9 +141,11 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
     store = EpisodeStore(cfg.data)
     tasks = list(store.manifest.tasks)
     seeds = cfg.member_seeds()
-    students = [build_student(cfg, tasks, seed) for seed in seeds]
+    device = trial_device(cfg)
+    students = [build_student(cfg, tasks, seed).to(device) for seed in seeds]
     teacher = cfg.teacher if cfg.d_coef > 0 else None
-    members = offline_members(students, store, train_config(cfg), seeds, teacher_path=teacher, log=log)
+    members = offline_members(students, store, train_config(cfg), seeds, teacher_path=teacher, log=log,
+                              precision=cfg.precision)
     executor = "population" if isinstance(members, Population) else "separate"
     if ctx.restore_dir is not None:
         saved_seeds = json.loads((ctx.restore_dir / MEMBERS_FILE).read_text())
@@ -138,6 +153,16 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
         members.load(ctx.restore_dir / TRAINER_FILE)
         log(f"restored from step {members.step}")
     restored_from = members.step if ctx.restore_dir is not None else None
+    try:
+        _train_and_evaluate(cfg, ctx, report, members, tasks, device, executor, restored_from)
+    except torch.cuda.OutOfMemoryError as exc:  # not retried: the same trial on the same GPU runs out again
+        message = str(exc).strip().splitlines()[0][:300]
+        report([_row(cfg, ctx, seed, members.step, "train", "fp32", None, error=f"CUDA out of memory: {message}")
+                for seed in members.seeds], None)
+
+
+def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, members: Any, tasks: list[str],
+                        device: torch.device, executor: str, restored_from: int | None) -> None:
     start = time.perf_counter()
     while members.step < cfg.steps and members.K:
         chunk = min(cfg.eval_every - members.step % cfg.eval_every, cfg.steps - members.step)
@@ -157,7 +182,7 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
             members.save(Path(checkpoint_dir) / TRAINER_FILE)
             (Path(checkpoint_dir) / MEMBERS_FILE).write_text(json.dumps(members.seeds))
             report([_row(cfg, ctx, seed, members.step, "train", "fp32", evaluation, restored_from=restored_from,
-                         updates_per_s=rate, executor=executor, members=members.K)
+                         updates_per_s=rate, executor=executor, members=members.K, device=device.type)
                     for seed, evaluation in zip(members.seeds, evaluations)], Path(checkpoint_dir))
     if not cfg.quant_modes:
         return
@@ -170,6 +195,6 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
             rows = []
             for seed, fp32_file in zip(members.seeds, files):
                 result = quantize_file(fp32_file, mode, Path(scratch) / f"student-{seed}-{mode}.pt")
-                evaluation = _evaluate(load_world_model(result.path), cfg, tasks, seed)
+                evaluation = _evaluate(load_world_model(result.path, device=device), cfg, tasks, seed)
                 rows.append(_row(cfg, ctx, seed, members.step, "final", mode, evaluation, size_mib=result.size_mib))
             report(rows, None)

@@ -75,3 +75,59 @@ def test_restored_trial_continues_from_its_checkpoint(smoke_inputs, tmp_path):
     run_trial(cfg20, TrialContext("t4"), straight)
     expect = {r["config"]["seed"]: r["score"] for r in straight.rows if r["phase"] == "train" and r["step"] == 20}
     assert {r["config"]["seed"]: r["score"] for r in train} == pytest.approx(expect, abs=1e-9)
+
+
+def test_gpu_requests_this_machine_cannot_meet_are_refused(monkeypatch):
+    import torch
+
+    from sweeps.run import UsageError, check_cluster_gpus, check_local_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        check_local_gpus(0.25, preset_config("smoke"))
+    with pytest.raises(UsageError, match="device=cuda needs --gpus-per-trial"):
+        check_local_gpus(0, preset_config("smoke").with_overrides({"device": "cuda"}))
+    check_local_gpus(0, preset_config("smoke"))  # CPU trials need nothing
+    with pytest.raises(UsageError, match="the Ray cluster has 0 GPUs"):
+        check_cluster_gpus(1, 0.0)
+    check_cluster_gpus(0.25, 1.0)
+
+
+def test_trial_device_follows_the_setting_and_the_gpus_ray_gave(monkeypatch):
+    import torch
+
+    from sweeps.trial import trial_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert trial_device(preset_config("smoke")).type == "cpu"
+    assert trial_device(preset_config("smoke").with_overrides({"device": "cpu"})).type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA device"):
+            trial_device(preset_config("smoke").with_overrides({"device": "cuda"}))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_population_trial_on_cuda_matches_cpu(smoke_inputs):
+    cpu, cuda = Collect(), Collect()
+    run_trial(_config(smoke_inputs, device="cpu", steps=10, num_seeds=2), TrialContext("c1"), cpu)
+    run_trial(_config(smoke_inputs, device="cuda", steps=10, num_seeds=2), TrialContext("c2"), cuda)
+    assert all(r["device"] == "cuda" for r in cuda.rows if r["phase"] == "train")
+    # same seeds, same batches: scores agree up to float differences of the two devices
+    for a, b in zip(cpu.rows, cuda.rows):
+        assert a["config"]["seed"] == b["config"]["seed"]
+        assert abs(a["score"] - b["score"]) < 2.0
+
+
+def test_bf16_is_a_cuda_option(smoke_inputs):
+    import torch
+
+    from agent.errors import ConfigError
+
+    if torch.cuda.is_available():
+        collect = Collect()
+        run_trial(_config(smoke_inputs, device="cuda", precision="bf16", steps=10, num_seeds=2), TrialContext("b1"), collect)
+        train = [r for r in collect.rows if r["phase"] == "train"]
+        assert [r["config"]["seed"] for r in train] == [1, 2] and all(r["status"] == "ok" for r in train)
+    else:
+        with pytest.raises(ConfigError, match="bf16 is a CUDA option"):
+            run_trial(_config(smoke_inputs, device="cpu", precision="bf16", steps=10), TrialContext("b1"), Collect())

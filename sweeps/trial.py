@@ -164,6 +164,7 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
 def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, members: Any, tasks: list[str],
                         device: torch.device, executor: str, restored_from: int | None) -> None:
     start = time.perf_counter()
+    latest: dict[int, Evaluation] = {}  # seed -> evaluation of the current weights
     while members.step < cfg.steps and members.K:
         chunk = min(cfg.eval_every - members.step % cfg.eval_every, cfg.steps - members.step)
         for _ in range(chunk):
@@ -177,6 +178,7 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
                 if not members.K:
                     return
         evaluations = [_evaluate(members.member(k), cfg, tasks, seed) for k, seed in enumerate(members.seeds)]
+        latest = dict(zip(members.seeds, evaluations))
         rate = members.step * members.K / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             members.save(Path(checkpoint_dir) / TRAINER_FILE)
@@ -195,6 +197,10 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
             rows = []
             for seed, fp32_file in zip(members.seeds, files):
                 result = quantize_file(fp32_file, mode, Path(scratch) / f"student-{seed}-{mode}.pt")
-                evaluation = _evaluate(load_world_model(result.path, device=device), cfg, tasks, seed)
+                if mode == "fp32" and seed in latest:
+                    # the fp32 file holds the weights just evaluated (same seed, same protocol): reuse it
+                    evaluation = latest[seed]
+                else:
+                    evaluation = _evaluate(load_world_model(result.path, device=device), cfg, tasks, seed)
                 rows.append(_row(cfg, ctx, seed, members.step, "final", mode, evaluation, size_mib=result.size_mib))
             report(rows, None)

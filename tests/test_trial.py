@@ -131,3 +131,23 @@ def test_bf16_is_a_cuda_option(smoke_inputs):
     else:
         with pytest.raises(ConfigError, match="bf16 is a CUDA option"):
             run_trial(_config(smoke_inputs, device="cpu", precision="bf16", steps=10), TrialContext("b1"), Collect())
+
+
+def test_final_fp32_row_equals_a_fresh_evaluation_of_the_saved_file(smoke_inputs, tmp_path):
+    """The final fp32 row reuses the last training evaluation: it must be what evaluating the
+    saved fp32 file gives."""
+    from agent.checkpoint import load_world_model, save_world_model
+    from agent.population import offline_members
+    from sweeps.trial import _evaluate, build_student, train_config
+
+    cfg = _config(smoke_inputs, steps=10, num_seeds=1, d_coef=0.0)
+    collect = Collect(keep_checkpoint=tmp_path)
+    run_trial(cfg, TrialContext("f1"), collect)
+    final = [r for r in collect.rows if r["phase"] == "final"][0]
+    from agent.data import EpisodeStore
+    tasks = list(EpisodeStore(cfg.data).manifest.tasks)
+    members = offline_members([build_student(cfg, tasks, 1)], cfg.data, train_config(cfg), [1], log=lambda _: None)
+    members.load(tmp_path / TRAINER_FILE)
+    path = save_world_model(members.member(0), tmp_path / "student.pt")
+    fresh = _evaluate(load_world_model(path), cfg, tasks, 1)
+    assert final["task_scores"] == pytest.approx(fresh.task_scores, abs=1e-9)

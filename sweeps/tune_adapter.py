@@ -28,12 +28,20 @@ def trainable(param_space: dict[str, Any]) -> None:
         ctx = TrialContext(trial_id=context.get_trial_id(), restore_dir=restore_path,
                            node_id=ray.get_runtime_context().get_node_id())
 
+        train_score = [float("nan")]
+
         def report(rows: list[dict[str, Any]], checkpoint_dir: Path | None) -> None:
-            # Tune's metric (searchers, ASHA) is the members' mean score; the rows travel whole
+            # Tune's metric (searchers, ASHA) is the members' mean fp32 score of the latest training
+            # evaluation; quantized evaluations at the end carry it on, so a search ranks the
+            # student, not its last quantization mode. The rows travel whole.
             scores = [r["score"] for r in rows if r["score"] is not None]
-            metrics = {"score": sum(scores) / len(scores) if scores else float("nan"), "step": rows[0]["step"],
-                       "phase": rows[0]["phase"], "quant": rows[0]["quant"], "members": len(rows),
-                       "row_json": json.dumps(rows)}
+            if rows[0]["phase"] == "train" and scores:
+                train_score[0] = sum(scores) / len(scores)
+            final_mean = sum(scores) / len(scores) if scores and rows[0]["phase"] == "final" else None
+            metrics = {"score": train_score[0], "step": rows[0]["step"], "phase": rows[0]["phase"],
+                       "quant": rows[0]["quant"], "members": len(rows), "row_json": json.dumps(rows)}
+            if final_mean is not None:
+                metrics[f"final_score_{rows[0]['quant']}"] = final_mean
             checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
             tune.report(metrics, checkpoint=checkpoint)
 

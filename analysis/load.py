@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.values import is_missing
+from analysis.values import format_value, is_missing
 
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.jsonl"
@@ -23,7 +23,11 @@ SEED_KEY = "seed"
 QUANT_KEY = "quant"
 STATUSES = ("ok", "error")
 PHASES = ("train", "final")
-EVAL_COLUMNS = ("line", "trial_id", "status", "phase", "step", "quant", "score", "size_mib", "episodes", "error")
+EVAL_COLUMNS = ("line", "trial_id", "status", "phase", "step", "quant", "score", "eval_se", "size_mib", "episodes",
+                "error")
+# One trained student: a trial, or one member of a population trial (a trial whose rows carry
+# several config.seed values, one per member); every per-student statistic groups by it.
+RUN_COLUMN = "run"
 
 
 class ResultsError(ValueError):
@@ -34,9 +38,10 @@ class ResultsError(ValueError):
 class SweepResults:
     """Everything `analysis` knows about one sweep.
 
-    `evals` has one row per evaluation (trial × step × phase × precision) with the columns
-    EVAL_COLUMNS (`line` = line number in results.jsonl), one `config.<key>` column per config key
-    and one `task:<name>` column per task. Error rows are kept, with NaN scores.
+    `evals` has one row per evaluation (run × step × phase × precision) with the columns
+    EVAL_COLUMNS (`line` = line number in results.jsonl; `eval_se` NaN where a row has none),
+    RUN_COLUMN, one `config.<key>` column per config key and one `task:<name>` column per task.
+    Error rows are kept, with NaN scores.
     """
 
     directory: Path
@@ -132,7 +137,7 @@ def _parse_row(text: str, where: str) -> dict:
 
 
 def evaluations_frame(rows: list[dict], task_order: list[str]) -> pd.DataFrame:
-    """One row per evaluation; a re-written (trial, phase, step, precision, status) keeps its last line."""
+    """One row per evaluation; a re-written (run, phase, step, precision, status) keeps its last line."""
     config_keys = sorted({key for row in rows for key in row["config"]})
     found_tasks = {task for row in rows for task in (row.get("task_scores") or {})}
     tasks = list(task_order) + sorted(found_tasks - set(task_order))
@@ -146,10 +151,24 @@ def evaluations_frame(rows: list[dict], task_order: list[str]) -> pd.DataFrame:
             record[TASK_PREFIX + task] = _number(task_scores.get(task))
         record["score"] = _number(record["score"])
         record["size_mib"] = _number(record["size_mib"])
+        record["eval_se"] = _number(record["eval_se"])
         records.append(record)
     frame = pd.DataFrame.from_records(records)
-    frame = frame.drop_duplicates(subset=["trial_id", "phase", "step", "quant", "status"], keep="last")
+    frame.insert(2, RUN_COLUMN, run_ids(frame))
+    frame = frame.drop_duplicates(subset=[RUN_COLUMN, "phase", "step", "quant", "status"], keep="last")
     return frame.sort_values("line", kind="stable").reset_index(drop=True)
+
+
+def run_ids(frame: pd.DataFrame) -> pd.Series:
+    """RUN_COLUMN of each row: its `trial_id`, or `<trial_id> seed=<seed>` when rows of that trial
+    carry more than one config.seed (a population trial reports one row per member)."""
+    seed_column = CONFIG_PREFIX + SEED_KEY
+    if seed_column not in frame.columns:
+        return frame["trial_id"].astype(str)
+    seeds = frame[seed_column].map(lambda seed: None if is_missing(seed) else format_value(seed))
+    members = seeds.groupby(frame["trial_id"]).transform("nunique")
+    labelled = frame["trial_id"].astype(str) + " seed=" + seeds.fillna("none")
+    return labelled.where(members > 1, frame["trial_id"].astype(str))
 
 
 def _number(value: object) -> float:

@@ -14,6 +14,8 @@ from analysis.values import format_value, is_number, same_value, sort_key
 SCORE_LABEL = "normalized score (return / 10)"
 STEPS_LABEL = "training steps"
 SIZE_LABEL = "model size (MiB)"
+# The paper's numbers are on MT30 (30 tasks, 1M student): another scale, so they get their own axes.
+PAPER_AXIS_LABEL = "paper's normalized score (MT30 scale)"
 KEY_LABELS = {
     "d_coef": "distillation coefficient d_coef",
     "batch_size": "batch size (samples)",
@@ -52,26 +54,48 @@ def _numeric_axis(values) -> bool:
     return len(values) > 0 and all(is_number(v) for v in values)
 
 
-def ablation_figure(table: Table) -> Figure:
-    """Mean score per value of the table's one key, with 95% CI error bars and the paper's numbers."""
-    (key,) = table.keys
-    rows = table.rows
-    figure = Figure(figsize=(6.4, 4.2))
-    axes = figure.add_subplot()
-    values = list(rows[key])
+def _value_axis(axes, values: list) -> np.ndarray:
+    """x positions of a key's values: the values on a numeric axis (log when they span 100×), else
+    0..n-1 labelled with the values."""
     if _numeric_axis(values):
         x = np.asarray(values, dtype=float)
-        axes.errorbar(x, rows["score"], yerr=_yerr(rows), marker="o", capsize=4, label="ours (95% CI)")
         if x.min() > 0 and x.max() / x.min() >= 100:
             axes.set_xscale("log")
+        return x
+    x = np.arange(len(values))
+    axes.set_xticks(x, [format_value(v) for v in values])
+    return x
+
+
+def _draw_values(axes, x: np.ndarray, y, numeric: bool, yerr=None, **style) -> None:
+    """y per key value: a line with error bars on a numeric axis, bars on a categorical one."""
+    if numeric:
+        axes.errorbar(x, y, yerr=yerr, marker="o", capsize=4, **style)
     else:
-        x = np.arange(len(values))
-        axes.bar(x, rows["score"], yerr=_yerr(rows), capsize=4, color="tab:blue", alpha=0.8, label="ours (95% CI)")
-        axes.set_xticks(x, [format_value(v) for v in values])
+        axes.bar(x, y, yerr=yerr, capsize=4, alpha=0.8, **style)
+
+
+def ablation_figure(table: Table) -> Figure:
+    """Mean score per value of the table's one key, with 95% CI error bars (axes[0]). When the paper
+    has numbers for some values they are drawn in a second panel (axes[1]) with its own y-axis,
+    the MT30 scale: never on the axis of our scores."""
+    (key,) = table.keys
+    rows = table.rows
+    values = list(rows[key])
     paper = rows["paper"].to_numpy(dtype=float)
-    if np.isfinite(paper).any():
-        axes.scatter(x, paper, marker="x", color="tab:red", zorder=3, label=PAPER_LABEL)
+    quoted = np.isfinite(paper)
+    figure = Figure(figsize=(10.4 if quoted.any() else 6.4, 4.2))
+    axes = figure.add_subplot(1, 2 if quoted.any() else 1, 1)
+    x = _value_axis(axes, values)
+    _draw_values(axes, x, rows["score"], _numeric_axis(values), yerr=_yerr(rows), color="tab:blue",
+                 label="ours (95% CI)")
     _finish(figure, axes, key_label(key), SCORE_LABEL, f"Normalized score vs {key}", legend=True)
+    if quoted.any():
+        paper_axes = figure.add_subplot(1, 2, 2)
+        paper_x = _value_axis(paper_axes, values)
+        _draw_values(paper_axes, paper_x[quoted], paper[quoted], _numeric_axis(values), color="tab:red",
+                     label=PAPER_LABEL)
+        _finish(figure, paper_axes, key_label(key), PAPER_AXIS_LABEL, f"{PAPER_LABEL}: its own scale", legend=True)
     return figure
 
 
@@ -111,7 +135,8 @@ def batch_steps_figure(summaries: pd.DataFrame, reference: dict[str, object]) ->
 
 
 def quant_size_figure(table: Table) -> Figure | None:
-    """Score vs model file size per precision (None when no final row reports a size)."""
+    """Score vs model file size per precision (None when no final row reports a size). The paper's
+    numbers stay in the table: its model sizes are not ours."""
     rows = table.rows[np.isfinite(table.rows["size_mib"].to_numpy(dtype=float))]
     if rows.empty:
         return None
@@ -121,10 +146,6 @@ def quant_size_figure(table: Table) -> Figure | None:
     for record in rows.to_dict("records"):
         name = ", ".join(format_value(record[key]) for key in table.keys)
         axes.annotate(name, (record["size_mib"], record["score"]), textcoords="offset points", xytext=(6, 4))
-    paper = rows["paper"].to_numpy(dtype=float)
-    if np.isfinite(paper).any():
-        axes.scatter(rows["size_mib"], paper, marker="x", color="tab:red", zorder=3,
-                     label=f"{PAPER_LABEL}, at our size")
     _finish(figure, axes, SIZE_LABEL, SCORE_LABEL, "Score vs model size per precision (final evaluation)", legend=True)
     return figure
 

@@ -22,19 +22,26 @@ def number(value: float, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def interval(low: float, high: float) -> str:
+    """`[low, high]` at two decimals; `DASH` when either bound is unknown (NaN)."""
+    if math.isnan(low) or math.isnan(high):
+        return DASH
+    return f"[{number(low)}, {number(high)}]"
+
+
 def display(table: Table) -> tuple[list[str], list[list[str]], int]:
     """Header, formatted rows, and how many leading columns are row labels (left-aligned)."""
     labels = list(table.keys) or ["setting"]
-    headers = [*labels, "score", "95% CI", "IQM", "Δ vs scratch", PAPER_LABEL]
+    headers = [*labels, "score", "95% CI", "IQM", "Δ vs scratch", "Δ 95% CI", "n pairs", PAPER_LABEL]
     headers += ["size (MiB)"] if table.has_size else []
     headers += ["n seeds", "failed"]
     rows = []
     for record in table.rows.to_dict("records"):
         cells = [format_value(record[key]) for key in table.keys] or ["all trials"]
-        ci_known = not (math.isnan(record["ci_low"]) or math.isnan(record["ci_high"]))
-        cells += [number(record["score"]),
-                  f"[{number(record['ci_low'])}, {number(record['ci_high'])}]" if ci_known else DASH,
-                  number(record["iqm"]), number(record["delta_vs_scratch"], signed=True), number(record["paper"])]
+        cells += [number(record["score"]), interval(record["ci_low"], record["ci_high"]), number(record["iqm"]),
+                  number(record["delta_vs_scratch"], signed=True),
+                  interval(record["delta_ci_low"], record["delta_ci_high"]), str(int(record["n_pairs"])),
+                  number(record["paper"])]
         cells += [number(record["size_mib"])] if table.has_size else []
         cells += [str(int(record["n_seeds"])), str(int(record["failed"]))]
         rows.append(cells)

@@ -19,14 +19,16 @@ import io  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 
-from analysis.load import ResultsError, SweepResults, load_results  # noqa: E402
+from analysis.findings import endpoint_name, evaluation_noise, headline, verdicts  # noqa: E402
+from analysis.load import RUN_COLUMN, ResultsError, SweepResults, load_results  # noqa: E402
+from analysis.paired import SCRATCH_FREE_KEYS, paired_table  # noqa: E402
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
 from analysis.plots import report_figures  # noqa: E402
 from analysis.render import csv_text, display, html_table, markdown, table_latex, table_markdown  # noqa: E402
 from analysis.stats import N_RESAMPLES  # noqa: E402
 from analysis.summary import learning_curves, setting_label, setting_summaries  # noqa: E402
 from analysis.tables import Table, build_tables, reference_setting  # noqa: E402
-from analysis.trials import trial_outcomes  # noqa: E402
+from analysis.trials import endpoint_outcomes, trial_outcomes  # noqa: E402
 
 FORMATS = ("md", "latex", "csv", "html")
 TABLE_WRITERS = {"md": (".md", table_markdown), "latex": (".tex", table_latex), "csv": (".csv", csv_text)}
@@ -79,7 +81,7 @@ def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS
     for name, png in images.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
 
-    blocks = report_blocks(results, trials, tables, images, reference)
+    blocks = report_blocks(results, trials, tables, images, reference, endpoint_outcomes(results, trials))
     (out / "report.md").write_text(blocks_markdown(blocks), encoding="utf-8")
     if "html" in formats:
         (out / "report.html").write_text(blocks_html(blocks, images, report_title(results)), encoding="utf-8")
@@ -107,8 +109,9 @@ def _clear_previous(out: Path) -> None:
 # ("h1"|"h2"|"h3"|"p", text), ("ul", [text]), ("table", headers, rows, n_labels), ("img", plot name, caption).
 
 def report_blocks(results: SweepResults, trials, tables: list[Table], images: dict[str, bytes],
-                  reference: dict[str, object]) -> list[tuple]:
-    """The report's content, in order."""
+                  reference: dict[str, object], endpoints) -> list[tuple]:
+    """The report's content, in order: headline, facts, paired differences against scratch and the
+    evaluation noise, how to read the tables, tables and plots, failed runs."""
     meta = results.meta
     n_failed = int(trials["failed"].sum())
     error_rows = int((results.evals["status"] == "error").sum())
@@ -116,7 +119,8 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     facts = [
         f"grid: {meta.get('grid', 'unknown')}; swept: {', '.join(results.swept) or 'nothing'}",
         f"preset: {preset}; task set: {task_set} ({len(results.tasks)} tasks)",
-        f"trials: {len(trials)} ({n_failed} failed); evaluations: {len(results.evals)} rows ({error_rows} error rows)",
+        f"trials: {trials['trial_id'].nunique()}; runs (trial × seed): {len(trials)} ({n_failed} failed); "
+        f"evaluations: {len(results.evals)} rows ({error_rows} error rows)",
     ]
     if "seeds" in meta:
         facts.append(f"seeds per setting (planned): {meta['seeds']}")
@@ -127,20 +131,29 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
         facts.append(f"sweep created: {meta['created']}")
     if not meta:
         facts.append("sweep.json was not found: swept keys were inferred from the trial configs")
-    blocks = [("h1", report_title(results)), ("ul", facts)]
+    endpoint = endpoint_name(endpoints)
+    paired = paired_table(endpoints, results.setting_columns, reference)
+    summary = headline(paired, reference, endpoint)
+    blocks = [("h1", report_title(results))]
+    blocks += [("h2", "Headline"), ("p", summary)] if summary else []
+    blocks += [("ul", facts)]
+    blocks += paired_blocks(paired, endpoints, results.setting_columns, endpoint)
     blocks += [("h2", "How to read the tables"), ("ul", [
-        "score: normalized score (mean over tasks of return / 10), averaged over seeds, of each trial's "
+        "score: normalized score (mean over tasks of return / 10), averaged over seeds, of each run's "
         "last train-phase evaluation; in the quantization table, of the final evaluation at that precision.",
         f"95% CI: percentile bootstrap over seeds ({N_RESAMPLES} resamples, fixed seed); – with fewer than "
         "2 seeds. With 3–5 seeds such intervals cover the true mean less often than 95%.",
         "IQM: interquartile mean over tasks × seeds (25% trimmed at each end).",
-        "Δ vs scratch: score minus that of this sweep's d_coef = 0 setting with the same other settings "
-        "(else the one at the reference values); – when the sweep has none.",
-        "failed: trials that reported an error or a non-finite score; they are listed at the end and left "
+        f"Δ vs scratch: the mean over seeds of (this setting's {endpoint} score − its scratch setting's), "
+        "paired by seed over the seeds both ran (n pairs), with its 95% percentile-bootstrap CI (– below 2 pairs); "
+        "the scratch setting has d_coef = 0 and the same other settings (– when the sweep ran none). In the "
+        "quantization table, each precision's score minus the scratch setting's fp32 score.",
+        "failed: runs that reported an error or a non-finite score; they are listed at the end and left "
         "out of every other column.",
         f"{PAPER_LABEL}: the number reported by {PAPER_CITATION} for the same setting, on all 30 MT30 tasks "
-        f"with a 1M-parameter student. This sweep ran task set {task_set} with preset {preset}, so its "
-        "scale may differ: compare the direction and size of effects, not the absolute numbers.",
+        f"with a 1M-parameter student. This sweep ran task set {task_set} with preset {preset}, on another "
+        "scale: compare the direction of effects, not the numbers. The plots draw the paper's numbers only in "
+        "their own panel, never on the axis of our scores.",
     ])]
     if len(results.setting_keys) > 1:
         held = setting_label(list(reference), tuple(reference.values()))
@@ -156,15 +169,35 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
         if plot in images:
             blocks += [("h2", caption), ("img", plot, caption)]
 
-    blocks.append(("h2", "Failed trials"))
+    blocks.append(("h2", "Failed runs"))
     failed = trials[trials["failed"]]
     if failed.empty:
         blocks.append(("p", "None."))
     else:
-        rows = [[row["trial_id"], setting_label(results.setting_columns, tuple(row[c] for c in results.setting_columns)),
-                 str(row["error"])] for _, row in failed.iterrows()]
-        blocks.append(("table", ["trial", "setting", "reason"], rows, 3))
+        columns = results.setting_columns
+        rows = [[row[RUN_COLUMN], setting_label(columns, tuple(row[c] for c in columns)), str(row["error"])]
+                for _, row in failed.iterrows()]
+        blocks.append(("table", ["run", "setting", "reason"], rows, 3))
     return blocks
+
+
+def paired_blocks(paired, endpoints, setting_columns: list[str], endpoint: str) -> list[tuple]:
+    """The section on paired differences against scratch (`paired.paired_table`): what is compared,
+    one verdict per distilled setting, then the evaluation noise."""
+    free = " and ".join(SCRATCH_FREE_KEYS)
+    intro = (f"Each setting's {endpoint} score minus that of its scratch setting (d_coef = 0, the same other "
+             f"settings; {free} do not change a scratch run), seed by seed over the seeds both ran; 95% "
+             f"percentile-bootstrap CI of the mean difference ({N_RESAMPLES} resamples, fixed seed).")
+    if endpoint != "final fp32":
+        intro += " These result files have no final fp32 evaluation, so each run's last train-phase one is used."
+    if paired.empty:
+        sentences = ["No run has an evaluation to compare."]
+    elif not paired["is_scratch"].any():
+        sentences = ["This sweep has no scratch setting (d_coef = 0): no setting is compared with scratch."]
+    else:
+        sentences = verdicts(paired) or ["Only scratch settings ran: nothing to compare."]
+    return [("h2", "Distillation vs scratch (paired by seed)"), ("p", intro), ("ul", sentences),
+            ("p", evaluation_noise(endpoints, setting_columns, endpoint))]
 
 
 def blocks_markdown(blocks: list[tuple]) -> str:

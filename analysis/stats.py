@@ -1,10 +1,12 @@
-"""Statistics over seeds and tasks: bootstrap confidence intervals and the interquartile mean."""
+"""Statistics over seeds and tasks: bootstrap confidence intervals, paired differences and the interquartile mean."""
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.stats
 
 CONFIDENCE = 0.95
@@ -51,6 +53,30 @@ def column_bootstrap_ci(matrix) -> tuple[np.ndarray, np.ndarray]:
     for column in np.flatnonzero(~complete):
         lows[column], highs[column] = bootstrap_ci(matrix[:, column])
     return lows, highs
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean over paired seeds of (score - baseline score), its `bootstrap_ci`, and the number of pairs."""
+
+    mean: float  # NaN without pairs
+    ci_low: float  # NaN below 2 pairs
+    ci_high: float
+    n_pairs: int
+
+    def excludes_zero(self) -> bool:
+        """True when the CI is known and lies entirely above or entirely below 0."""
+        return self.ci_low > 0 or self.ci_high < 0  # False for NaN bounds
+
+
+def paired_difference(scores: pd.Series, baseline: pd.Series) -> PairedDifference:
+    """`scores - baseline` paired by index label (the seed): only labels with a finite value in both
+    count. `scores`, `baseline`: one value per seed, unique index. The CI is `bootstrap_ci` of the
+    per-seed differences (resampling pairs, so what the seeds share cancels)."""
+    differences = scores.sub(baseline).to_numpy(dtype=float)  # aligned on the union of labels: NaN if unpaired
+    differences = differences[np.isfinite(differences)]
+    mean = float(differences.mean()) if differences.size else math.nan
+    return PairedDifference(mean, *bootstrap_ci(differences), n_pairs=int(differences.size))
 
 
 def iqm(values) -> float:

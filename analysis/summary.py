@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.load import CONFIG_PREFIX, SEED_KEY, SweepResults
+from analysis.load import CONFIG_PREFIX, RUN_COLUMN, SEED_KEY, SweepResults
 from analysis.stats import bootstrap_ci, column_bootstrap_ci, iqm
 from analysis.trials import config_columns
 from analysis.values import canonical, format_value, same_value, sort_key
@@ -38,8 +38,8 @@ def setting_label(columns: list[str], setting: tuple, reference: dict[str, objec
 
 
 def seed_column(frame: pd.DataFrame) -> str:
-    """The column that names a row's seed (`trial_id` if the configs carry no seed)."""
-    return CONFIG_PREFIX + SEED_KEY if CONFIG_PREFIX + SEED_KEY in frame.columns else "trial_id"
+    """The column that names a row's seed (RUN_COLUMN if the configs carry no seed)."""
+    return CONFIG_PREFIX + SEED_KEY if CONFIG_PREFIX + SEED_KEY in frame.columns else RUN_COLUMN
 
 
 def per_seed(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -50,7 +50,7 @@ def per_seed(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 
 def summarize(rows: pd.DataFrame, task_columns: list[str], failed: int) -> dict:
-    """The summary of one setting from the rows of its trials that did not fail (one per trial).
+    """The summary of one setting from the rows of its runs that did not fail (one per run).
 
     score = mean over seeds; ci_low/ci_high = 95% bootstrap CI over seeds (NaN below 2 seeds);
     iqm = interquartile mean over tasks × seeds (over the scores when there are no task scores).
@@ -94,14 +94,15 @@ def shared_config(trials: pd.DataFrame) -> dict[str, object]:
 
 
 def learning_curves(results: SweepResults, trials: pd.DataFrame, reference: dict[str, object]) -> pd.DataFrame:
-    """Score vs training step per setting over the trials that did not fail.
+    """Score vs training step per setting over the runs that did not fail.
 
     Columns: setting (a label naming what differs from `reference`), step, score (mean over seeds),
-    ci_low, ci_high, n_seeds; sorted by setting order, then step.
+    ci_low, ci_high (`column_bootstrap_ci` over the seeds evaluated at that step), n_seeds; sorted
+    by setting order, then step.
     """
     evals = results.evals
-    ok_trials = set(trials.loc[~trials["failed"], "trial_id"])
-    train = evals[(evals["phase"] == "train") & evals["trial_id"].isin(ok_trials)]
+    ok_runs = set(trials.loc[~trials["failed"], RUN_COLUMN])
+    train = evals[(evals["phase"] == "train") & evals[RUN_COLUMN].isin(ok_runs)]
     columns = results.setting_columns
     rows = []
     for setting, group in group_by_setting(train, columns):

@@ -1,7 +1,8 @@
 """The ablation tables, as numbers: one per swept key, one for all settings when needed, one for quantization.
 
 Rows are settings; columns are the mean normalized score over seeds, its 95% bootstrap CI, the
-IQM over tasks × seeds, Δ vs the scratch baseline (d_coef == 0), the paper's number, seeds, failures.
+IQM over tasks × seeds, Δ vs the scratch baseline (d_coef == 0, paired by seed, see paired.py) with
+its 95% CI and number of pairs, the paper's number, seeds, failures.
 """
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import CONFIG_PREFIX, QUANT_KEY, SweepResults
+from analysis.paired import rows_of, versus_scratch
 from analysis.paper import paper_score
+from analysis.stats import PairedDifference
 from analysis.summary import group_by_setting, setting_label, shared_config, summarize
-from analysis.trials import final_outcomes
+from analysis.trials import endpoint_outcomes, final_outcomes
 from analysis.values import canonical, same_value, sort_key
 
-SCRATCH_KEY = "d_coef"  # the scratch baseline is the setting with d_coef == 0
 QUANT_ORDER = ("fp32", "fp16", "bf16", "mixed", "int8", "int8_naive")  # widest precision first
-NUMBER_COLUMNS = ("score", "ci_low", "ci_high", "iqm", "delta_vs_scratch", "paper", "n_seeds", "failed")
+NUMBER_COLUMNS = ("score", "ci_low", "ci_high", "iqm", "delta_vs_scratch", "delta_ci_low", "delta_ci_high", "n_pairs",
+                  "paper", "n_seeds", "failed")
 
 
 @dataclass(frozen=True)
@@ -55,32 +58,27 @@ def _matches(row: pd.Series | dict, target: dict[str, object], skip: str | None 
     return all(same_value(row[column], value) for column, value in target.items() if column != skip)
 
 
-def scratch_score(summaries: pd.DataFrame, setting: dict[str, object], reference: dict[str, object]) -> float:
-    """Mean score of the d_coef == 0 setting that differs from `setting` only in d_coef, else of the
-    d_coef == 0 setting at the reference values; NaN when the sweep has no such setting."""
-    column = CONFIG_PREFIX + SCRATCH_KEY
-    if column not in summaries.columns:
-        return np.nan
-    scratch = [row for _, row in summaries.iterrows() if same_value(row[column], 0.0)]
-    for target in (setting, reference):
-        for row in scratch:
-            if _matches(row, target, skip=column):
-                return float(row["score"])
-    return np.nan
+def delta_columns(paired: PairedDifference) -> dict[str, float]:
+    """The Δ vs scratch columns of a table row."""
+    return {"delta_vs_scratch": paired.mean, "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
+            "n_pairs": paired.n_pairs}
 
 
 def build_tables(results: SweepResults, trials: pd.DataFrame, summaries: pd.DataFrame,
                  reference: dict[str, object]) -> list[Table]:
     """All tables of a sweep: the train-evaluation tables (unless no trial has a train evaluation
-    or failed), then `quant` (when there are final evaluations)."""
+    or failed), then `quant` (when there are final evaluations). Δ vs scratch is paired on the
+    runs' endpoints (`endpoint_outcomes`)."""
+    endpoints = endpoint_outcomes(results, trials)
     tables = []
     if summaries["n_seeds"].sum() or summaries["failed"].sum():
-        tables += train_tables(results, summaries, reference)
-    quant = quant_table(results, trials, summaries, reference)
+        tables += train_tables(results, summaries, reference, endpoints)
+    quant = quant_table(results, trials, endpoints)
     return tables + ([quant] if quant is not None else [])
 
 
-def train_tables(results: SweepResults, summaries: pd.DataFrame, reference: dict[str, object]) -> list[Table]:
+def train_tables(results: SweepResults, summaries: pd.DataFrame, reference: dict[str, object],
+                 endpoints: pd.DataFrame) -> list[Table]:
     """One table per swept key, the other keys held at `reference` (in a sweep of several keys, only
     when it has 2+ rows), then `settings`, with every setting, when some setting is in none of them."""
     tables, shown = [], set()
@@ -88,21 +86,21 @@ def train_tables(results: SweepResults, summaries: pd.DataFrame, reference: dict
         column = CONFIG_PREFIX + key
         rows = summaries[[_matches(row, reference, skip=column) for _, row in summaries.iterrows()]]
         if len(results.setting_keys) == 1 or len(rows) >= 2:
-            tables.append(_train_table(key, (key,), rows, summaries, reference))
+            tables.append(_train_table(key, (key,), rows, reference, endpoints))
             shown.update(rows.index)
     if set(summaries.index) - shown:
-        tables.append(_train_table("settings", tuple(results.setting_keys), summaries, summaries, reference))
+        tables.append(_train_table("settings", tuple(results.setting_keys), summaries, reference, endpoints))
     return tables
 
 
-def _train_table(name: str, keys: tuple[str, ...], rows: pd.DataFrame, summaries: pd.DataFrame,
-                 reference: dict[str, object]) -> Table:
+def _train_table(name: str, keys: tuple[str, ...], rows: pd.DataFrame, reference: dict[str, object],
+                 endpoints: pd.DataFrame) -> Table:
     records = []
     for _, row in rows.iterrows():
         record = {key: row[CONFIG_PREFIX + key] for key in keys}
         record.update({column: row[column] for column in ("score", "ci_low", "ci_high", "iqm")})
         setting = {column: row[column] for column in reference}
-        record["delta_vs_scratch"] = row["score"] - scratch_score(summaries, setting, reference)
+        record.update(delta_columns(versus_scratch(rows_of(endpoints, setting), endpoints, setting)))
         quotable = len(keys) == 1  # the paper's numbers are one-factor ablations
         record["paper"] = paper_score(keys[0], row[CONFIG_PREFIX + keys[0]], row["config"]) if quotable else np.nan
         record.update(n_seeds=row["n_seeds"], failed=row["failed"])
@@ -115,10 +113,10 @@ def _train_table(name: str, keys: tuple[str, ...], rows: pd.DataFrame, summaries
                  rows=pd.DataFrame(records, columns=[*keys, *NUMBER_COLUMNS]))
 
 
-def quant_table(results: SweepResults, trials: pd.DataFrame, summaries: pd.DataFrame,
-                reference: dict[str, object]) -> Table | None:
+def quant_table(results: SweepResults, trials: pd.DataFrame, endpoints: pd.DataFrame) -> Table | None:
     """Final evaluation per precision (None without final rows). Rows are the precisions, preceded by
-    the swept keys whose values differ among the trials that have final rows."""
+    the swept keys whose values differ among the runs that have final rows. Δ vs scratch: each
+    seed's score at that precision minus its scratch setting's endpoint (fp32) score."""
     finals = final_outcomes(results)
     if finals.empty:
         return None
@@ -129,13 +127,12 @@ def quant_table(results: SweepResults, trials: pd.DataFrame, summaries: pd.DataF
         config = shared_config(group)
         full_setting = {c: config.get(c.removeprefix(CONFIG_PREFIX)) for c in setting_columns}
         failed = sum(bool(t["failed"]) and _matches(t, full_setting) for _, t in trials.iterrows())
-        scratch = scratch_score(summaries, full_setting, reference)
         by_precision = sorted(group.groupby("quant"), key=lambda item: _quant_order(item[0]))
         for precision, rows in by_precision:
             record = {c.removeprefix(CONFIG_PREFIX): v for c, v in zip(varying, setting)}
             record[QUANT_KEY] = precision
             record.update(summarize(rows, results.task_columns, failed=failed))
-            record["delta_vs_scratch"] = record["score"] - scratch
+            record.update(delta_columns(versus_scratch(rows, endpoints, full_setting)))
             record["paper"] = paper_score(QUANT_KEY, precision, config)
             record["size_mib"] = float(rows["size_mib"].mean()) if rows["size_mib"].notna().any() else np.nan
             records.append(record)

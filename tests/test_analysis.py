@@ -2,6 +2,7 @@
 whose answers are known by hand."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import subprocess
@@ -9,18 +10,26 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.stats
 
+from analysis.findings import evaluation_noise
 from analysis.load import ResultsError, load_results
-from analysis.plots import SCORE_LABEL, SIZE_LABEL, STEPS_LABEL, report_figures
+from analysis.paired import paired_table
+from analysis.paper import PAPER_LABEL
+from analysis.plots import (PAPER_AXIS_LABEL, SCORE_LABEL, SIZE_LABEL, STEPS_LABEL, learning_curves_figure,
+                            report_figures)
 from analysis.render import table_markdown
 from analysis.report import build_report, main
-from analysis.stats import bootstrap_ci, column_bootstrap_ci, iqm
+from analysis.stats import bootstrap_ci, column_bootstrap_ci, iqm, paired_difference
 from analysis.summary import learning_curves, setting_summaries
 from analysis.tables import build_tables, reference_setting
-from analysis.trials import trial_outcomes
+from analysis.trials import endpoint_outcomes, trial_outcomes
 
 REPO = Path(__file__).resolve().parents[1]
+# scipy >= 1.15 takes `rng`, older releases `random_state`
+RNG_ARG = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
 TASKS = ("walker-walk", "cheetah-run")
 BASE_CONFIG = {"d_coef": 0.45, "batch_size": 256, "steps": 1000, "teacher_size": "large", "target": "reward",
                "seed": 0, "student": "1M", "quant": "fp32"}
@@ -74,13 +83,15 @@ def d_coef_rows() -> list[dict]:
 
 # Hand-computed: score = mean over seeds of (a+b)/2; with 2 seeds the percentile bootstrap interval
 # is [min, max] whatever the random draws; IQM drops the lowest and highest of the 4 task scores.
+# Δ vs scratch pairs seeds: scratch scores 15 (seed 0) and 18 (seed 1); d_coef 0.2 scores 15 and 20
+# (differences 0, 2); 0.45 scores 25, 26 (10, 8); 0.9 has seed 0 only (10 - 15), so no CI.
 GOLDEN_D_COEF_TABLE = """\
-| d_coef | score | 95% CI | IQM | Δ vs scratch | paper (MT30, 1M) | n seeds | failed |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-| 0 | 16.50 | [15.00, 18.00] | 17.00 | +0.00 | 18.93 | 2 | 0 |
-| 0.2 | 17.50 | [15.00, 20.00] | 18.00 | +1.00 | – | 2 | 0 |
-| 0.45 | 25.50 | [25.00, 26.00] | 26.00 | +9.00 | 28.12 | 2 | 1 |
-| 0.9 | 10.00 | – | 10.00 | -6.50 | 13.79 | 1 | 0 |
+| d_coef | score | 95% CI | IQM | Δ vs scratch | Δ 95% CI | n pairs | paper (MT30, 1M) | n seeds | failed |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| 0 | 16.50 | [15.00, 18.00] | 17.00 | +0.00 | [0.00, 0.00] | 2 | 18.93 | 2 | 0 |
+| 0.2 | 17.50 | [15.00, 20.00] | 18.00 | +1.00 | [0.00, 2.00] | 2 | – | 2 | 0 |
+| 0.45 | 25.50 | [25.00, 26.00] | 26.00 | +9.00 | [8.00, 10.00] | 2 | 28.12 | 2 | 1 |
+| 0.9 | 10.00 | – | 10.00 | -5.00 | – | 1 | 13.79 | 1 | 0 |
 """
 
 
@@ -144,12 +155,13 @@ def test_d_coef_table_matches_the_hand_computed_golden_text(d_coef_report):
     assert (report.parent / "tables" / "d_coef.md").read_text(encoding="utf-8") == GOLDEN_D_COEF_TABLE
     assert GOLDEN_D_COEF_TABLE in report.read_text(encoding="utf-8")
     csv_lines = (report.parent / "tables" / "d_coef.csv").read_text().splitlines()
-    assert csv_lines[0] == "d_coef,score,ci_low,ci_high,iqm,delta_vs_scratch,paper,n_seeds,failed"
-    assert csv_lines[4] == "0.9,10.0000,,,10.0000,-6.5000,13.7900,1,0"
+    assert csv_lines[0] == ("d_coef,score,ci_low,ci_high,iqm,delta_vs_scratch,delta_ci_low,delta_ci_high,n_pairs,"
+                            "paper,n_seeds,failed")
+    assert csv_lines[4] == "0.9,10.0000,,,10.0000,-5.0000,,,1,13.7900,1,0"
 
 
 def test_same_input_gives_byte_identical_tables_and_report(tmp_path):
-    sweep = write_sweep(tmp_path / "sweep", d_coef_rows() + quant_rows())
+    sweep = write_sweep(tmp_path / "sweep", d_coef_rows() + quant_rows() + scratch_final_rows())
     first = build_report(sweep, out_dir=tmp_path / "first").parent
     second = build_report(sweep, out_dir=tmp_path / "second").parent
     names = sorted(path.name for path in (first / "tables").iterdir())
@@ -158,7 +170,8 @@ def test_same_input_gives_byte_identical_tables_and_report(tmp_path):
         assert (first / "tables" / name).read_bytes() == (second / "tables" / name).read_bytes(), name
     assert (first / "report.md").read_bytes() == (second / "report.md").read_bytes()
     latex = (first / "tables" / "d_coef.tex").read_text()
-    assert r"0.45 & 25.50 & [25.00, 26.00] & 26.00 & +9.00 & 28.12 & 2 & 1 \\" in latex
+    # Δ is paired on the final fp32 rows: 0.45 scores 26, 27 against scratch's 15, 18
+    assert r"0.45 & 25.50 & [25.00, 26.00] & 26.00 & +10.00 & [9.00, 11.00] & 2 & 28.12 & 2 & 1 \\" in latex
     assert r"d\_coef" in latex
 
 
@@ -180,7 +193,8 @@ def test_error_rows_are_counted_not_dropped(tmp_path):
 
 def test_failed_trials_are_listed_in_the_report(d_coef_report):
     report = d_coef_report.read_text(encoding="utf-8")
-    assert "trials: 8 (1 failed); evaluations: 11 rows (1 error rows)" in report
+    assert "trials: 8; runs (trial × seed): 8 (1 failed); evaluations: 11 rows (1 error rows)" in report
+    assert "| run | setting | reason |" in report
     assert "| d0.45-s2 | d_coef=0.45 | loss diverged (nan) at step 700 |" in report
 
 
@@ -195,14 +209,23 @@ def quant_rows() -> list[dict]:
     return rows
 
 
+def scratch_final_rows() -> list[dict]:
+    """Final fp32 rows of the two scratch seeds of `d_coef_rows` (scores 15 and 18, as their last train rows)."""
+    return [evaluation("d0-s0", 1000, scores(10, 20), phase="final", size_mib=7.8, d_coef=0.0),
+            evaluation("d0-s1", 1000, scores(14, 22), phase="final", size_mib=7.8, d_coef=0.0, seed=1)]
+
+
 def test_quant_table_uses_final_rows_sizes_and_paper_numbers_of_the_matching_setting(tmp_path):
-    _, _, _, _, tables = analyse(write_sweep(tmp_path / "sweep", d_coef_rows() + quant_rows()))
+    _, _, _, _, tables = analyse(write_sweep(tmp_path / "sweep", d_coef_rows() + quant_rows() + scratch_final_rows()))
+    # Δ: each seed's score at that precision minus its scratch seed's fp32 score (15, 18), e.g.
+    # int8_naive: 3 - 15 and 3.5 - 18 -> mean -13.25, CI [min, max] of the two.
     assert table_markdown(tables["quant"]) == """\
-| quant | score | 95% CI | IQM | Δ vs scratch | paper (MT30, 1M) | size (MiB) | n seeds | failed |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-| fp32 | 26.50 | [26.00, 27.00] | 26.00 | +10.00 | 28.12 | 7.80 | 2 | 1 |
-| fp16 | 25.50 | [25.00, 26.00] | 25.00 | +9.00 | 28.45 | 3.90 | 2 | 1 |
-| int8_naive | 3.25 | [3.00, 3.50] | 3.50 | -13.25 | 5.09 | 2.00 | 2 | 1 |
+| d_coef | quant | score | 95% CI | IQM | Δ vs scratch | Δ 95% CI | n pairs | paper (MT30, 1M) | size (MiB) | n seeds | failed |
+| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| 0 | fp32 | 16.50 | [15.00, 18.00] | 17.00 | +0.00 | [0.00, 0.00] | 2 | – | 7.80 | 2 | 0 |
+| 0.45 | fp32 | 26.50 | [26.00, 27.00] | 26.00 | +10.00 | [9.00, 11.00] | 2 | 28.12 | 7.80 | 2 | 1 |
+| 0.45 | fp16 | 25.50 | [25.00, 26.00] | 25.00 | +9.00 | [8.00, 10.00] | 2 | 28.45 | 3.90 | 2 | 1 |
+| 0.45 | int8_naive | 3.25 | [3.00, 3.50] | 3.50 | -13.25 | [-14.50, -12.00] | 2 | 5.09 | 2.00 | 2 | 1 |
 """
     # The paper's quantized numbers are for its d_coef 0.45 student: none for a scratch model's.
     scratch_quant = [{**row, "config": {**row["config"], "d_coef": 0.0}} for row in quant_rows()]
@@ -234,7 +257,10 @@ def test_one_factor_sweep_holds_the_other_keys_at_the_base_config(tmp_path):
     assert batch["n_seeds"].tolist() == [2, 2, 2]  # the base setting's two trials per seed count once
     assert batch["score"].tolist() == pytest.approx([12.5, 21.5, 14.5])
     assert batch["failed"].tolist() == [0, 0, 1]
-    assert batch["delta_vs_scratch"].tolist() == pytest.approx([2.0, 11.0, 4.0])
+    # Only batch size 256 has a scratch setting with the same other settings: seed 0 scores 21
+    # (its two trials, 20 and 22, averaged) vs 10, seed 1 22 vs 11. The others are not compared.
+    assert batch["delta_vs_scratch"].tolist() == pytest.approx([np.nan, 11.0, np.nan], nan_ok=True)
+    assert batch["n_pairs"].tolist() == [0, 2, 0]
     assert batch["paper"].tolist()[1:] == [17.85, 14.04]
     assert tables["batch_size"].title.startswith("Normalized score vs batch_size (d_coef=0.45)")
 
@@ -368,3 +394,229 @@ def test_script_runs_from_anywhere_without_importing_the_rest_of_the_project(tmp
     assert not (out / "report.html").exists()
     for name in ("tables/d_coef.csv", "report.md"):  # another process (another hash seed): the same bytes
         assert (out / name).read_bytes() == (d_coef_report.parent / name).read_bytes(), name
+
+
+# ---- paired differences against scratch, evaluation noise (population trials) ------------------------
+
+SEEDS = (1, 2, 3, 4, 5)
+SCRATCH = dict(zip(SEEDS, (10.0, 12.0, 9.0, 14.0, 11.0)))  # each seed's final fp32 score at d_coef 0
+SHIFT = 2.0  # d_coef 0.45 = scratch + SHIFT + a small known noise, seed by seed
+NOISE = dict(zip(SEEDS, (0.1, -0.2, 0.05, 0.0, -0.1)))
+NO_EFFECT = dict(zip(SEEDS, (1.5, -2.0, 0.5, -1.0, 0.8)))  # d_coef 0.9 = scratch + this, around 0
+
+
+def percentile_ci(values) -> tuple[float, float]:
+    """scipy's own percentile bootstrap, run directly: what the report's CIs must equal."""
+    rng = np.random.default_rng(0)
+    result = scipy.stats.bootstrap((np.asarray(values, dtype=float),), np.mean, n_resamples=9999,
+                                   confidence_level=0.95, method="percentile", **{RNG_ARG: rng})
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def early_score(seed: int, final: float) -> float:
+    """A member's step-500 score in `member_rows`: seed-dependent, so each step has its own CI."""
+    return final - 3 + seed / 2
+
+
+def member_rows(trial_id: str, d_coef: float, final: dict, eval_se: float | None = 0.3, **config) -> list[dict]:
+    """One population trial (one setting, a member per seed in `final`), as sweeps/trial.py writes
+    it: every member shares trial_id; train rows at steps 500 (`early_score`) and 1000 (final[seed])
+    and a final fp32 row scoring `final[seed]`, each with `eval_se` and 3 episodes."""
+    rows = []
+    for seed, score in final.items():
+        for step, phase, value in ((500, "train", early_score(seed, score)), (1000, "train", score),
+                                   (1000, "final", score)):
+            row = evaluation(trial_id, step, scores(value, value), phase=phase, d_coef=d_coef, seed=seed, **config)
+            rows.append({**row, "eval_se": eval_se, "episodes": 3})
+    return rows
+
+
+def population_rows() -> list[dict]:
+    """Scratch, a d_coef that helps by SHIFT and one with no effect; 0.45 has an extra seed 6 and
+    scratch an extra seed 7 that nothing pairs with (their huge scores must not move any Δ)."""
+    return (member_rows("t-d0", 0.0, {**SCRATCH, 7: 90.0}, eval_se=0.2)
+            + member_rows("t-d045", 0.45, {**{s: SCRATCH[s] + SHIFT + NOISE[s] for s in SEEDS}, 6: 99.0}, eval_se=0.3)
+            + member_rows("t-d09", 0.9, {s: SCRATCH[s] + NO_EFFECT[s] for s in SEEDS}, eval_se=0.5))
+
+
+@pytest.fixture(scope="module")
+def population_report(tmp_path_factory) -> Path:
+    sweep = write_sweep(tmp_path_factory.mktemp("population") / "sweep", population_rows(), seeds=5)
+    return build_report(sweep, formats=("md",))
+
+
+def test_paired_difference_pairs_by_seed_and_drops_unpaired_seeds():
+    scores_by_seed = pd.Series({1: 12.0, 2: 15.0, 3: 11.0, 6: 99.0, 8: np.nan})
+    scratch = pd.Series({1: 10.0, 2: 12.0, 3: 10.0, 7: 90.0, 8: 5.0})
+    paired = paired_difference(scores_by_seed, scratch)
+    assert paired.n_pairs == 3 and paired.mean == pytest.approx((2 + 3 + 1) / 3)
+    assert (paired.ci_low, paired.ci_high) == pytest.approx(percentile_ci([2.0, 3.0, 1.0]))
+    one = paired_difference(pd.Series({1: 3.0}), scratch)
+    assert (one.n_pairs, one.mean, math.isnan(one.ci_low), one.excludes_zero()) == (1, -7.0, True, False)
+    assert paired_difference(pd.Series({6: 1.0}), scratch).n_pairs == 0
+
+
+def test_population_members_are_separate_runs_and_seeds(population_report):
+    results, trials, _, _, tables = analyse(population_report.parent.parent)
+    assert trials["trial_id"].nunique() == 3 and len(trials) == 17  # 6 + 6 + 5 members
+    assert "t-d045 seed=6" in set(trials["run"])
+    assert len(results.evals) == 17 * 3  # no member's rows collapsed into another's
+    by_d_coef = tables["d_coef"].rows.set_index("d_coef")
+    assert by_d_coef["n_seeds"].tolist() == [6, 6, 5]
+
+
+def test_paired_delta_equals_the_known_shift_and_scipy_bootstrap_of_the_differences(population_report):
+    results, trials, _, reference, tables = analyse(population_report.parent.parent)
+    differences = [SHIFT + NOISE[seed] for seed in SEEDS]  # seed 6 (0.45 only) and 7 (scratch only) unpaired
+    row = tables["d_coef"].rows.set_index("d_coef").loc[0.45]
+    assert row["n_pairs"] == 5
+    assert row["delta_vs_scratch"] == pytest.approx(1.97)  # 2 + mean(0.1, -0.2, 0.05, 0, -0.1)
+    assert (row["delta_ci_low"], row["delta_ci_high"]) == pytest.approx(percentile_ci(differences))
+    # The paired table the sentences are written from holds the same numbers.
+    paired = paired_table(endpoint_outcomes(results, trials), results.setting_columns, reference).set_index("label")
+    assert paired.loc["d_coef=0.45", ["delta", "n_pairs"]].tolist() == pytest.approx([1.97, 5])
+    assert paired.loc["d_coef=0.9", "delta"] == pytest.approx(np.mean(list(NO_EFFECT.values())))  # -0.04
+    assert (paired.loc["d_coef=0.9", ["delta_ci_low", "delta_ci_high"]].tolist()
+            == pytest.approx(percentile_ci(list(NO_EFFECT.values()))))
+    assert paired["is_scratch"].tolist() == [True, False, False]
+    assert paired["scratch_seeds"].tolist() == [6, 6, 6]
+
+
+def test_report_says_per_setting_whether_the_paired_ci_excludes_zero(population_report):
+    report = population_report.read_text(encoding="utf-8")
+    helps = "[{:.2f}, {:.2f}]".format(*percentile_ci([SHIFT + NOISE[seed] for seed in SEEDS]))
+    none = "[{:.2f}, {:.2f}]".format(*percentile_ci(list(NO_EFFECT.values())))
+    assert (f"- d_coef=0.45: +1.97 {helps} over scratch on 5 paired seeds; the 95% CI excludes 0: "
+            "distillation helps at this scale.\n") in report
+    assert (f"- d_coef=0.9: -0.04 {none} over scratch on 5 paired seeds; the 95% CI includes 0: "
+            "no detectable difference.\n") in report
+    assert "- d_coef=0:" not in report  # scratch is the baseline, not compared with itself
+    # The headline comes first: the best d_coef by mean and whether its difference is resolved.
+    assert report.index("## Headline") < report.index("- grid: d_coef")
+    assert "d_coef=0.45 has the highest mean final fp32 score of the 3 d_coef values" in report
+    assert (f"Its paired difference from scratch is +1.97 {helps} on 5 seeds: the 95% CI excludes 0, "
+            "so the difference is resolved.") in report
+    assert "the 95% CI lies entirely above 0 for 1 of the 2 d_coef > 0 and entirely below 0 for 0" in report
+
+
+def test_headline_and_verdict_when_distillation_hurts(tmp_path):
+    rows = (member_rows("t-d0", 0.0, SCRATCH)
+            + member_rows("t-d045", 0.45, {s: SCRATCH[s] - 1.0 + NOISE[s] for s in SEEDS}))
+    report = build_report(write_sweep(tmp_path / "sweep", rows), formats=("md",)).read_text(encoding="utf-8")
+    low, high = percentile_ci([-1.0 + NOISE[seed] for seed in SEEDS])
+    assert "Scratch (d_coef=0) has the highest mean final fp32 score, 11.20 [" in report
+    assert "no d_coef > 0 beats it on average." in report
+    assert (f"- d_coef=0.45: -1.03 [{low:.2f}, {high:.2f}] over scratch on 5 paired seeds; the 95% CI excludes 0: "
+            "distillation hurts at this scale.") in report
+
+
+def test_fewer_than_two_pairs_or_no_scratch_is_said_in_words(d_coef_report, tmp_path):
+    report = d_coef_report.read_text(encoding="utf-8")
+    assert ("- d_coef=0.9: -5.00 over scratch on 1 paired seed; a CI needs at least 2 paired seeds: "
+            "no conclusion.") in report
+    # These files have no final rows: the last train evaluations are paired, and the report says so.
+    assert "no final fp32 evaluation, so each run's last train-phase one is used" in report
+    rows = [evaluation(f"t{size}-s{seed}", 1000, scores(10 + seed, 12), teacher_size=size, seed=seed)
+            for size in ("small", "large") for seed in (0, 1)]
+    report = build_report(write_sweep(tmp_path / "sweep", rows, swept=("teacher_size",)), formats=("md",))
+    text = report.read_text(encoding="utf-8")
+    assert "- This sweep has no scratch setting (d_coef = 0): no setting is compared with scratch." in text
+    assert "## Headline" not in text
+
+
+def test_scratch_is_shared_across_teacher_size_but_not_across_batch_size(tmp_path):
+    """A d_coef 0 student uses no teacher and no target, so one scratch setting serves every
+    teacher_size; a different batch size trains a different student: no scratch for it."""
+    rows = (member_rows("scratch", 0.0, SCRATCH, teacher_size="large")
+            + member_rows("small", 0.45, {s: SCRATCH[s] + 1.0 for s in SEEDS}, teacher_size="small")
+            + member_rows("large", 0.45, {s: SCRATCH[s] + 3.0 for s in SEEDS}, teacher_size="large")
+            + member_rows("b1024", 0.45, {s: SCRATCH[s] + 5.0 for s in SEEDS}, teacher_size="large", batch_size=1024))
+    sweep = write_sweep(tmp_path / "sweep", rows, swept=("d_coef", "teacher_size", "batch_size"))
+    results, trials, _, reference, _ = analyse(sweep)
+    paired = paired_table(endpoint_outcomes(results, trials), results.setting_columns, reference)
+    by_setting = {(row["config.teacher_size"], row["config.batch_size"], row["config.d_coef"]): row
+                  for row in paired.to_dict("records")}
+    assert by_setting[("small", 256.0, 0.45)]["delta"] == pytest.approx(1.0)
+    assert by_setting[("large", 256.0, 0.45)]["delta"] == pytest.approx(3.0)
+    unmatched = by_setting[("large", 1024.0, 0.45)]
+    assert (unmatched["scratch_seeds"], unmatched["n_pairs"], math.isnan(unmatched["delta"])) == (0, 0, True)
+    text = build_report(sweep, formats=("md",)).read_text(encoding="utf-8")
+    assert ("- batch_size=1024: the sweep has no scratch setting (d_coef = 0) with the same other settings: "
+            "not compared.") in text
+
+
+def test_evaluation_noise_is_stated_beside_the_between_seed_spread(population_report, d_coef_report):
+    report = population_report.read_text(encoding="utf-8")
+    # eval_se: 6 runs at 0.2, 6 at 0.3, 5 at 0.5 -> median 0.3
+    finals = [{**SCRATCH, 7: 90.0}, {**{s: SCRATCH[s] + SHIFT + NOISE[s] for s in SEEDS}, 6: 99.0},
+              {s: SCRATCH[s] + NO_EFFECT[s] for s in SEEDS}]
+    spread = np.median([np.std(list(setting.values()), ddof=1) for setting in finals])
+    assert ("Evaluation noise: one final fp32 evaluation has a standard error of 0.30 (median over 17 runs; "
+            "3 episodes per task, from the spread of episode scores); the between-seed standard deviation of the "
+            f"score within a setting is {spread:.2f} (median over 3 settings).") in report
+    assert f"The evaluation standard error is {100 * 0.3 / spread:.0f}% of the seed spread." in report
+    # Older files carry no eval_se: they still load, and the report says the noise is unknown.
+    assert ("Evaluation noise: unknown, the result rows carry no eval_se (written before it was recorded, "
+            "or from 1 episode per task); 2 episodes per task.") in d_coef_report.read_text(encoding="utf-8")
+
+
+def test_evaluation_noise_of_rows_some_of_which_lack_eval_se(tmp_path):
+    rows = member_rows("t-d0", 0.0, SCRATCH, eval_se=0.2) + member_rows("t-d045", 0.45, SCRATCH, eval_se=None)
+    rows += member_rows("t-d09", 0.9, SCRATCH, eval_se=0.4)
+    for row in rows[-3:]:
+        row.pop("eval_se")  # the last member of t-d09: a row from before eval_se existed
+    results, trials, _, _, _ = analyse(write_sweep(tmp_path / "sweep", rows))
+    endpoints = endpoint_outcomes(results, trials)
+    assert endpoints["eval_se"].notna().sum() == 9
+    text = evaluation_noise(endpoints, results.setting_columns, "final fp32")
+    assert "a standard error of 0.20 (median over the 9 of 15 runs reporting it; 3 episodes per task" in text
+    # One episode per task has no spread to measure: such an eval_se (0) is not a measurement.
+    one_episode = endpoints.assign(episodes=1)
+    assert "Evaluation noise: unknown" in evaluation_noise(one_episode, results.setting_columns, "final fp32")
+
+
+def test_learning_curve_band_is_the_bootstrap_ci_over_seeds_at_each_step(population_report):
+    results, trials, summaries, reference, tables = analyse(population_report.parent.parent)
+    curves = learning_curves(results, trials, reference)
+    axes = learning_curves_figure(curves).axes[0]
+    finals = {"d_coef=0": {**SCRATCH, 7: 90.0},
+              "d_coef=0.45": {**{s: SCRATCH[s] + SHIFT + NOISE[s] for s in SEEDS}, 6: 99.0},
+              "d_coef=0.9": {s: SCRATCH[s] + NO_EFFECT[s] for s in SEEDS}}
+    lines, bands = axes.get_lines(), axes.collections
+    assert [line.get_label() for line in lines] == list(finals) and len(bands) == 3
+    for line, band, (label, final) in zip(lines, bands, finals.items()):
+        vertices = band.get_paths()[0].vertices
+        for step, by_seed in ((500, [early_score(seed, score) for seed, score in final.items()]),
+                              (1000, list(final.values()))):
+            at_step = vertices[np.isclose(vertices[:, 0], step), 1]
+            assert (at_step.min(), at_step.max()) == pytest.approx(percentile_ci(by_seed)), (label, step)
+            assert line.get_ydata()[list(line.get_xdata()).index(step)] == pytest.approx(np.mean(by_seed))
+
+
+def plotted_values(axes) -> set[float]:
+    """Every y value drawn on `axes` (lines, error bars, scatter points, bars), at 2 decimals."""
+    ys = [float(y) for line in axes.get_lines() for y in line.get_ydata()]
+    for collection in axes.collections:
+        ys += [float(vertex[1]) for path in collection.get_paths() for vertex in path.vertices]
+        ys += [float(offset[1]) for offset in np.atleast_2d(collection.get_offsets())]
+    ys += [float(patch.get_height()) for patch in axes.patches]
+    return {round(y, 2) for y in ys if np.isfinite(y)}
+
+
+def test_paper_numbers_are_never_on_the_axes_of_our_scores(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep", d_coef_rows() + quant_rows() + scratch_final_rows())
+    results, trials, summaries, reference, tables = analyse(sweep)
+    curves = learning_curves(results, trials, reference)
+    figures = report_figures(list(tables.values()), summaries, curves, reference, results.setting_columns, list(TASKS))
+    ours, paper = figures["score_vs_d_coef"].axes
+    assert {16.5, 17.5, 25.5, 10.0} <= plotted_values(ours)  # the d_coef table's scores
+    assert not {18.93, 28.12, 13.79} & plotted_values(ours)
+    assert PAPER_LABEL not in [text.get_text() for text in ours.get_legend().get_texts()]
+    # The paper's d_coef numbers sit in their own panel, on their own y-axis.
+    assert paper.get_ylabel() == PAPER_AXIS_LABEL and PAPER_LABEL in paper.get_title()
+    assert ours.get_shared_y_axes().get_siblings(ours) == [ours]
+    drawn = paper.get_lines()[0]
+    assert list(drawn.get_xdata()) == [0.0, 0.45, 0.9] and list(drawn.get_ydata()) == [18.93, 28.12, 13.79]
+    quant = figures["quant_size_vs_score"]
+    assert len(quant.axes) == 1 and not {28.12, 28.45, 5.09} & plotted_values(quant.axes[0])
+    assert {26.5, 25.5, 3.25} <= plotted_values(quant.axes[0])

@@ -34,11 +34,12 @@ from agent.world_model import WorldModel
 
 Log = Callable[[str], None]
 
-# Candidate tasks: MT30 tasks that TD-MPC2 learns within ~10k agent steps. The shipped task list is
-# chosen from them by measurement (the selection table of MANIFEST.md: single-task online scores).
+# Candidate tasks: MT30 tasks that TD-MPC2 learns within ~10k agent steps. The shipped tasks are the
+# candidates whose single-task online run (12k agent steps) scores at least 60% of the maximum (the
+# selection table and rule of MANIFEST.md); the rule was fixed before any student was trained.
 CANDIDATE_TASKS: tuple[str, ...] = ("cartpole-balance", "cartpole-swingup", "cup-catch", "reacher-easy",
                                     "walker-stand", "finger-spin")
-DEFAULT_TASKS: tuple[str, ...] = CANDIDATE_TASKS
+DEFAULT_TASKS: tuple[str, ...] = ("cartpole-balance", "cup-catch", "reacher-easy", "walker-stand")
 EPISODE_STEPS = 200                              # agent steps per episode (official: 500)
 PLANNER: dict[str, Any] = {"num_samples": 128, "iterations": 3}  # reduced MPPI for collection and evaluation
 EVAL_SEED = 12345                                # distinct from the training env seeds (seed * 1000 + k)

@@ -1,0 +1,78 @@
+"""Paired differences against the scratch baseline: each setting's endpoint score (see
+`trials.endpoint_outcomes`) minus that of its scratch setting, seed by seed.
+
+A setting's scratch setting has d_coef == 0 and the same value of every other swept key, except
+the keys a scratch student does not use (SCRATCH_FREE_KEYS). Only seeds that both ran are paired.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.load import CONFIG_PREFIX
+from analysis.stats import PairedDifference, bootstrap_ci, paired_difference
+from analysis.summary import group_by_setting, per_seed, setting_label
+from analysis.values import same_value
+
+SCRATCH_KEY = "d_coef"  # the scratch baseline is the setting with d_coef == 0
+# sweeps/trial.py trains a d_coef == 0 student without a teacher and without a distillation target
+# (train_config sets target None, run_trial teacher None), so these keys do not change a scratch run.
+SCRATCH_FREE_KEYS = ("teacher_size", "target")
+PAIRED_COLUMNS = ("label", "is_scratch", "score", "ci_low", "ci_high", "n_seeds",
+                  "delta", "delta_ci_low", "delta_ci_high", "n_pairs", "scratch_seeds")
+
+
+def rows_of(frame: pd.DataFrame, setting: dict[str, object]) -> pd.DataFrame:
+    """The rows of `frame` whose columns hold the values of `setting` (column -> value)."""
+    mask = np.array([all(same_value(row[column], value) for column, value in setting.items())
+                     for row in frame[list(setting)].to_dict("records")], dtype=bool)
+    return frame[mask] if setting else frame  # a boolean array selects rows even when it is empty
+
+
+def is_scratch(rows: pd.DataFrame) -> bool:
+    """True when `rows` (of one setting) exist and all ran with d_coef == 0."""
+    column = CONFIG_PREFIX + SCRATCH_KEY
+    return column in rows.columns and len(rows) > 0 and all(same_value(v, 0.0) for v in rows[column])
+
+
+def scratch_rows(endpoints: pd.DataFrame, setting: dict[str, object]) -> pd.DataFrame:
+    """The rows of `endpoints` from the scratch setting of `setting` (setting column -> value):
+    config d_coef == 0 and the same value of every setting column but d_coef and SCRATCH_FREE_KEYS.
+    Empty when the sweep ran no such setting."""
+    column = CONFIG_PREFIX + SCRATCH_KEY
+    if column not in endpoints.columns:
+        return endpoints.iloc[:0]
+    ignored = {CONFIG_PREFIX + key for key in (SCRATCH_KEY, *SCRATCH_FREE_KEYS)}
+    scratch = endpoints[np.array([same_value(v, 0.0) for v in endpoints[column]], dtype=bool)]
+    return rows_of(scratch, {c: v for c, v in setting.items() if c not in ignored})
+
+
+def seed_scores(rows: pd.DataFrame) -> pd.Series:
+    """Mean score per seed of `rows` (index: the seed); runs of one setting sharing a seed count once."""
+    return per_seed(rows, ["score"])["score"]
+
+
+def versus_scratch(rows: pd.DataFrame, endpoints: pd.DataFrame, setting: dict[str, object]) -> PairedDifference:
+    """`rows`' per-seed scores minus those of `setting`'s scratch setting in `endpoints`, paired by seed."""
+    return paired_difference(seed_scores(rows), seed_scores(scratch_rows(endpoints, setting)))
+
+
+def paired_table(endpoints: pd.DataFrame, columns: list[str], reference: dict[str, object]) -> pd.DataFrame:
+    """One row per setting of `columns` (setting columns) in `endpoints`, in setting order.
+
+    Columns: the setting columns, then PAIRED_COLUMNS: label (what differs from `reference`),
+    is_scratch, score / ci_low / ci_high / n_seeds (endpoint mean over seeds and its bootstrap CI),
+    delta / delta_ci_low / delta_ci_high / n_pairs (`versus_scratch`), scratch_seeds (seeds of its
+    scratch setting; 0 when the sweep ran none).
+    """
+    records = []
+    for values, rows in group_by_setting(endpoints, columns):
+        setting = dict(zip(columns, values))
+        scores = seed_scores(rows)
+        paired = versus_scratch(rows, endpoints, setting)
+        records.append({**setting, "label": setting_label(columns, values, reference), "is_scratch": is_scratch(rows),
+                        "score": float(scores.mean()) if len(scores) else float("nan"),
+                        **dict(zip(("ci_low", "ci_high"), bootstrap_ci(scores))), "n_seeds": len(scores),
+                        "delta": paired.mean, "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
+                        "n_pairs": paired.n_pairs, "scratch_seeds": len(seed_scores(scratch_rows(endpoints, setting)))})
+    return pd.DataFrame(records, columns=[*columns, *PAIRED_COLUMNS])

@@ -13,6 +13,10 @@ BATCH_SIZES = (128, 256, 512, 1024)
 GRID_NAMES = ("d_coef", "batch_size", "steps", "teacher_size", "target", "quant", "paper")
 
 
+def SCRATCH(ablation: str) -> dict[str, Any]:  # noqa: N802 (a constant of one parameter)
+    return dict(ablation=ablation, d_coef=0.0)
+
+
 def _steps_values(base: TrialConfig) -> list[int]:
     if base.preset == "paper":
         return list(PAPER_STEPS)
@@ -28,19 +32,23 @@ def grid_points(name: str, base: TrialConfig, teacher_sizes: list[str]) -> list[
         return [dict(ablation="batch_size", batch_size=v) for v in BATCH_SIZES]
     if name == "steps":
         return [dict(ablation="steps", steps=v, eval_every=min(base.eval_every, v)) for v in _steps_values(base)]
+    # teacher_size and target: plus the scratch student (d_coef 0, no teacher), the partner of
+    # every setting's paired difference in the report
     if name == "teacher_size":
-        return [dict(ablation="teacher_size", teacher_size=s) for s in teacher_sizes]
+        return [dict(ablation="teacher_size", teacher_size=s) for s in teacher_sizes] + [SCRATCH("teacher_size")]
     if name == "target":
-        return [dict(ablation="target", target=t) for t in DISTILL_TARGETS]
+        return [dict(ablation="target", target=t) for t in DISTILL_TARGETS] + [SCRATCH("target")]
     if name == "quant":  # one training run per seed, every precision evaluated at the end
         return [dict(ablation="quant", quant_modes=list(QUANT_MODES))]
     if name == "paper":
-        points = [dict(ablation="d_coef", d_coef=0.0)]  # the scratch baseline, once
+        points = [SCRATCH("d_coef")]  # the scratch baseline, once
         for sub in ("d_coef", "batch_size", "steps", "teacher_size", "target", "quant"):
-            points += [p for p in grid_points(sub, base, teacher_sizes) if p != dict(ablation="d_coef", d_coef=0.0)]
+            points += [p for p in grid_points(sub, base, teacher_sizes) if p.get("d_coef") != 0.0]
         return points
     raise ConfigError(f"unknown grid {name!r}; known: {', '.join(GRID_NAMES)}")
 
 
 def swept_keys(name: str) -> list[str]:
-    return ["d_coef", "batch_size", "steps", "teacher_size", "target", "quant"] if name == "paper" else [name]
+    if name == "paper":
+        return ["d_coef", "batch_size", "steps", "teacher_size", "target", "quant"]
+    return [name, "d_coef"] if name in ("teacher_size", "target") else [name]

@@ -88,7 +88,7 @@ def _row(cfg: TrialConfig, ctx: TrialContext, seed: int, step: int, phase: str, 
 @dataclass
 class Evaluation:
     task_scores: dict[str, float]
-    se: float  # standard error of the mean-over-tasks score from the episode spread
+    se: float | None  # standard error of the mean-over-tasks score from the episode spread (None: 1 episode)
 
 
 def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str], seed: int) -> Evaluation:
@@ -97,7 +97,9 @@ def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str], seed: int) 
                   max_steps=cfg.eval_max_steps)
     normalized_score(df)  # raises on an empty evaluation
     per_task = df.groupby("task", sort=False)["score"]
-    variance_of_means = (per_task.var(ddof=1) / per_task.count()).fillna(0.0)
+    if per_task.count().min() < 2:  # one episode per task: no spread to estimate the error from
+        return Evaluation(task_scores(df), None)
+    variance_of_means = per_task.var(ddof=1) / per_task.count()
     return Evaluation(task_scores(df), float(math.sqrt(variance_of_means.sum()) / len(variance_of_means)))
 
 

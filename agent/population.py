@@ -34,7 +34,7 @@ from agent.config import ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, TeacherTargets
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
-from agent.runtime import keep_freed_memory
+from agent.runtime import flushed_denormals, keep_freed_memory
 from agent.scale import RunningScale
 from agent.train import model_param_groups, policy_objective, policy_param_names
 from agent.world_model import WorldModel
@@ -219,13 +219,8 @@ class Population:
         """One update of every member; returns each member's metrics (as Trainer.update's).
         eps_td (K, H, B, A) / eps_pi (K, H+1, B, A): policy noise (drawn from the members' generators if None)."""
         started = time.perf_counter()
-        if self.cfg.flush_denormal:
-            torch.set_flush_denormal(True)
-        try:
+        with flushed_denormals(self.cfg.flush_denormal):
             metrics = self._update(batches, eps_td, eps_pi)
-        finally:
-            if self.cfg.flush_denormal:
-                torch.set_flush_denormal(False)
         elapsed = time.perf_counter() - started
         self._rate_window = (self._rate_window + [elapsed])[-50:]
         rate = len(self._rate_window) / sum(self._rate_window)
@@ -257,7 +252,8 @@ class Population:
             grads, (total, (terms, zs)) = self._per_member(self._model_call, model_params, {**pi_params, **self.targets},
                                                            obs, action, reward, task, teacher_reward, teacher_latent,
                                                            eps_td, self.discount)
-        zs = zs.float()
+        if self.precision == "bf16":
+            zs = zs.float()  # the policy loss runs in fp32
         grad_norm = self._clip(self.model_names, grads)
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ from agent.config import ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, LatentProjection, PcaProjection, fit_pca, teacher_latents
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
-from agent.runtime import keep_freed_memory
+from agent.runtime import flushed_denormals, keep_freed_memory
 from agent.scale import RunningScale
 from agent.train_kernels import heads_for, use_compiled_mish
 from agent.world_model import WorldModel
@@ -104,13 +104,8 @@ class Trainer:
         """One model + policy + target update; returns the step's metrics (floats).
         eps_td (H, B, A) / eps_pi (H+1, B, A): policy noise of the TD target / policy loss (drawn if None)."""
         started = time.perf_counter()
-        if self.cfg.flush_denormal:
-            torch.set_flush_denormal(True)
-        try:
+        with flushed_denormals(self.cfg.flush_denormal):
             metrics = self._update(batch, eps_td, eps_pi)
-        finally:
-            if self.cfg.flush_denormal:
-                torch.set_flush_denormal(False)  # a process-wide CPU flag: leave it as the planner does
         elapsed = time.perf_counter() - started
         self._rate_window = (self._rate_window + [elapsed])[-50:]
         metrics.update(update_ms=1000 * elapsed, updates_per_s=len(self._rate_window) / sum(self._rate_window))

@@ -91,3 +91,25 @@ def rows_from_result_grid(grid) -> list[dict[str, Any]]:
                              "episodes": config.get("eval_episodes"),
                              "error": (message[-1] if message else type(result.error).__name__)[:300]})
     return rows
+
+
+class RowStream:
+    """Writes every reported row to OUT/results.jsonl as it arrives (on the driver, atomically,
+    merged with the rows already there: a resumed sweep adds, a killed driver loses nothing
+    reported). `add(rows)` takes one report's rows; `from ray.tune` glue calls it per result."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.rows = read_rows(self.out)
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            self.rows = merge_rows(self.rows, rows)
+            write_rows(self.out, self.rows)
+
+    def add_result(self, result: dict[str, Any]) -> None:
+        """One Tune result (its `row_json` carries the report's rows)."""
+        text = result.get("row_json")
+        if text:
+            self.add(_reported_rows([text]))

@@ -10,7 +10,24 @@ import ray
 from ray import tune
 
 from sweeps.config import TrialConfig
+from sweeps.results import RowStream
 from sweeps.trial import TrialContext, run_trial
+
+
+class StreamRows(tune.Callback):
+    """Driver-side: every trial result's rows go to OUT/results.jsonl as they are reported."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.stream: RowStream | None = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.stream is None:  # opened lazily: the callback is pickled with the experiment
+            self.stream = RowStream(self.out)
+        self.stream.add_result(result)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"out": self.out, "stream": None}
 
 
 def trainable(param_space: dict[str, Any]) -> None:

@@ -176,3 +176,23 @@ def test_teacher_size_and_target_grids_carry_their_scratch_partner():
         assert points[-1] == {"ablation": grid, "d_coef": 0.0}
         assert all(p.get("d_coef", base.d_coef) > 0 for p in points[:-1])
         assert swept_keys(grid) == [grid, "d_coef"]
+
+
+def test_row_stream_appends_as_reported_and_never_duplicates(tmp_path):
+    import json
+
+    from sweeps.results import RESULTS_FILE, RowStream
+
+    def row(seed, step, score):
+        return {"trial_id": "t", "config": {"seed": seed}, "phase": "train", "quant": "fp32", "step": step,
+                "status": "ok", "score": score}
+
+    stream = RowStream(tmp_path)
+    stream.add_result({"row_json": json.dumps([row(1, 10, 1.0), row(2, 10, 2.0)])})
+    on_disk = [json.loads(x) for x in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    assert [(r["config"]["seed"], r["step"]) for r in on_disk] == [(1, 10), (2, 10)]
+    # a resumed driver re-reads the file; a re-reported row is kept once, the first copy wins
+    again = RowStream(tmp_path)
+    again.add([row(1, 10, 9.0), row(1, 20, 3.0)])
+    on_disk = [json.loads(x) for x in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    assert [(r["config"]["seed"], r["step"], r["score"]) for r in on_disk] == [(1, 10, 1.0), (2, 10, 2.0), (1, 20, 3.0)]

@@ -1,10 +1,15 @@
 """Trial settings and presets. The dataclass holds every default; presets override by name."""
 from __future__ import annotations
 
+import math
+import numbers
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from typing import Any
 
-from agent.config import DISTILL_TARGETS, QUANT_MODES
+from agent.config import DISTILL_TARGETS, QUANT_MODES, ModelConfig, PlannerConfig
 from agent.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,6 +52,11 @@ class TrialConfig:
     fault_nan_seed: int | None = None
 
     def validate(self) -> "TrialConfig":
+        for f in fields(self):  # types first: the range checks below compare numbers
+            check_setting_type(f.name, getattr(self, f.name))
+        for name in ("d_coef", "lr"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.d_coef < 0:
             raise ConfigError(f"d_coef must be >= 0, got {self.d_coef}")
         for name in ("steps", "batch_size", "eval_every", "eval_episodes", "num_seeds"):
@@ -58,13 +68,37 @@ class TrialConfig:
             raise ConfigError(f"unknown distillation target {self.target!r}; known: {', '.join(DISTILL_TARGETS)}")
         unknown = [m for m in self.quant_modes if m not in QUANT_MODES]
         if unknown:
-            raise ConfigError(f"unknown quantization mode {unknown[0]!r}; known: {', '.join(QUANT_MODES)}")
+            raise ConfigError(f"quant_modes: unknown quantization mode {unknown[0]!r}; known: {', '.join(QUANT_MODES)}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.eval_max_steps is not None and self.eval_max_steps < 1:
             raise ConfigError(f"eval_max_steps must be >= 1, got {self.eval_max_steps}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        if self.seed < 0:  # numpy and torch generators take non-negative seeds
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for name in ("fault_kill_at_step", "fault_kill_seed", "fault_nan_at_step", "fault_nan_seed"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in self.eval_tasks:
+            from agent.tasksets import UnknownTaskError, task_spec
+
+            try:
+                task_spec(name)
+            except UnknownTaskError as exc:  # names the task and lists the valid ones
+                raise ConfigError(f"eval_tasks: {exc}") from None
+        if self.student_size is not None:
+            from agent.config import MODEL_SIZES
+
+            if self.student_size not in MODEL_SIZES:
+                raise ConfigError(f"student_size must be one of {sorted(MODEL_SIZES)} or null, got {self.student_size}")
+        planner = {k: v for k, v in self.eval_planner.items() if k != "seed"}  # evaluation sets seed and mpc itself
+        try:
+            PlannerConfig().override(**{**planner, "mpc": self.eval_plan})
+        except ConfigError as exc:
+            raise ConfigError(f"eval_planner {_json(self.eval_planner)}: {exc}") from None
         return self
 
     def member_seeds(self) -> list[int]:
@@ -114,6 +148,98 @@ def _quick_defaults() -> dict[str, Any]:
         return {}
     known = {f.name for f in fields(TrialConfig)}
     return {k: v for k, v in QUICK_DEFAULTS.items() if k in known}
+
+
+# -- setting types ----------------------------------------------------------------------------
+# Every setting is checked against its declared type (the dataclass annotation), and the values
+# inside student_dims / eval_planner against the fields of the config they become, so that a bad
+# `--set` value is one line naming the setting, never a TypeError deep inside a trial.
+
+_NESTED = {"student_dims": ModelConfig, "eval_planner": PlannerConfig}
+_NESTED_EXCLUDED = {"student_dims": ("tasks",), "eval_planner": ("mpc",)}  # set by the trial itself
+_JSON_KIND = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object",
+              type(None): "null"}
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _kind(value: Any) -> str:
+    for kind, word in _JSON_KIND.items():
+        if type(value) is kind:
+            return word
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, numbers.Integral):
+        return "integer"
+    if isinstance(value, numbers.Real):
+        return "number"
+    return type(value).__name__
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def describe_type(hint: Any) -> str:
+    """`int | None` -> 'an integer or null', `list[str]` -> 'a list of strings', ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin is list:
+        return f"a list of {describe_type(args[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return "an object" if args[1] is Any else f"an object of {describe_type(args[1]).split(' ', 1)[1]}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+            Any: "any value"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_setting_type(name: str, value: Any) -> None:
+    """Raise ConfigError (one line, naming the setting and the value) unless `value` has the declared
+    type of TrialConfig field `name`; student_dims / eval_planner entries are checked against the
+    fields of ModelConfig / PlannerConfig."""
+    hint = _hints(TrialConfig)[name]
+    if name in _NESTED:  # the entries' own types (e.g. student_dims.dropout is a float) decide below
+        hint = dict[str, Any]
+    if not _matches(value, hint):
+        raise ConfigError(f"{name} must be {describe_type(hint)}, got {_kind(value)} {_json(value)}")
+    if name in _NESTED:
+        nested = {k: t for k, t in _hints(_NESTED[name]).items() if k not in _NESTED_EXCLUDED[name]}
+        if name == "eval_planner":
+            nested["seed"] = int | None
+        for key, item in value.items():
+            if key not in nested:
+                raise ConfigError(f"{name}: unknown key {key!r}; known: {', '.join(sorted(nested))}")
+            if not _matches(item, nested[key]):
+                raise ConfigError(f"{name}.{key} must be {describe_type(nested[key])}, got {_kind(item)} {_json(item)}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,12 @@ if str(_REPO) not in sys.path:
 
 os.environ.setdefault("MUJOCO_GL", "disable")
 
-from agent.errors import DistillError  # noqa: E402
-from sweeps.config import PRESETS, TrialConfig, parse_override, preset_config  # noqa: E402
+from agent.errors import ConfigError, DistillError  # noqa: E402
+from sweeps.config import PRESETS, TrialConfig, check_setting_type, parse_override, preset_config  # noqa: E402
 from sweeps.grids import GRID_NAMES, grid_points, swept_keys  # noqa: E402
 
 EXPERIMENT = "sweep"
+SETTINGS = {f.name for f in fields(TrialConfig)}
 
 
 class UsageError(DistillError):
@@ -81,10 +83,86 @@ def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]
     _positive("--max-concurrent", args.max_concurrent, allow_zero=True)
     _positive("--max-failures", args.max_failures, allow_zero=True)
     overrides = dict(parse_override(item) for item in args.set)
+    for item in args.set:  # each value against its setting's declared type, named as the user wrote it
+        key, value = parse_override(item)
+        if key in SETTINGS:
+            try:
+                check_setting_type(key, value)
+            except ConfigError as exc:
+                raise UsageError(f"--set {item}: {exc}") from None
     base = preset_config(args.preset).with_overrides(overrides).validate()
     for task in base.eval_tasks:
         task_spec(task)
+    check_out(args.out if args.out is not None else _default_out(args))
+    preflight(args, base, overrides)
     return base, overrides
+
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")  # pyarrow file systems Tune's storage can use
+PACKAGES = ("agent", "sweeps", "analysis")
+
+
+def check_out(out: str) -> None:
+    """--out must be a URI of a known store, or a writable directory (existing or creatable) outside
+    the source packages. Nothing is created here."""
+    if not out.strip():
+        raise UsageError("--out is empty: give a result directory (or s3://BUCKET/PATH, gs://BUCKET/PATH)")
+    if "://" in out:
+        scheme, _, rest = out.partition("://")
+        if scheme not in REMOTE_SCHEMES:
+            raise UsageError(f"--out {out}: unsupported storage scheme {scheme!r}; use a local directory or "
+                             f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+        if not rest.strip("/"):
+            raise UsageError(f"--out {out}: no bucket or path after {scheme}://")
+        return
+    path = Path(out).resolve()
+    if path == _REPO:
+        raise UsageError(f"--out {out}: the repository root; choose a directory of its own (default runs/<grid>-<preset>)")
+    for name in PACKAGES:
+        package = _REPO / name
+        if path == package or package in path.parents:
+            raise UsageError(f"--out {out}: inside the {name}/ package; choose a directory outside the source "
+                             "packages (default runs/<grid>-<preset>)")
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out}: the directory is not writable")
+        return
+    ancestor = next(p for p in path.parents if p.exists())
+    if not ancestor.is_dir():
+        raise UsageError(f"--out {out}: cannot create it: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create it: {ancestor} is not writable")
+
+
+def preflight(args: argparse.Namespace, base: TrialConfig, overrides: dict[str, Any]) -> None:
+    """Build and check, on this machine and before Ray starts, everything each trial of the sweep
+    will build from its settings (sweeps.preflight.check_trial); nothing is written."""
+    from dataclasses import replace
+
+    from sweeps.grids import BATCH_SIZES
+    from sweeps.preflight import check_trial, describe_point, memory_limit, plan_inputs
+
+    plan = plan_inputs(args.preset, args.teacher, args.data)
+    inputs = plan.inputs
+    memory = memory_limit(args.gpus_per_trial) if args.address is None else None
+
+    def resolved(cfg: TrialConfig) -> TrialConfig:
+        label = cfg.teacher_size if cfg.teacher_size in inputs.teachers else inputs.default_teacher
+        return replace(cfg, teacher=cfg.teacher or inputs.teachers[label], data=cfg.data or inputs.data)
+
+    # the base settings first, so that an error of the user's own values is reported without a grid point
+    check_trial(resolved(replace(base, num_seeds=args.seeds or base.num_seeds)), plan, memory)
+    configs = [TrialConfig.from_dict(c) for c in trial_configs(args, base, inputs.teachers, inputs.default_teacher, overrides)]
+    if args.search == "optuna":  # the corners of the searched space (sweeps/run.py _new_tuner)
+        configs = [replace(configs[0], d_coef=d_coef, batch_size=max(BATCH_SIZES), lr=lr)
+                   for d_coef in (0.0, 1.0) for lr in (1e-4, 1e-3)]
+    for cfg in configs:
+        try:
+            check_trial(resolved(cfg), plan, memory)
+        except DistillError as exc:
+            raise UsageError(f"trial {describe_point(cfg, base) or cfg.ablation}: {exc}") from None
 
 
 def _default_out(args: argparse.Namespace) -> str:
@@ -224,7 +302,17 @@ def _upload(local_out: Path, uri: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+
+    def refuse(message: str):  # argparse's own errors, as one line like every other refusal
+        raise UsageError(f"{message} (see --help)")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         out = run_sweep(args)
     except DistillError as exc:
@@ -233,7 +321,39 @@ def main(argv: list[str] | None = None) -> int:
     report = out / "report" / "report.md"
     print(f"results: {out / 'results.jsonl'}")
     print(f"report:  {report if report.exists() else '(not written)'}")
+    from sweeps.results import RESULTS_FILE, read_rows
+
+    total, failed, common = failure_summary(read_rows(out))
+    where = out / RESULTS_FILE
+    if total == 0:
+        print(f"error: the sweep reported no result rows ({where})", file=sys.stderr)
+        return 1
+    if failed:
+        cause = f"most common error ({common[1]} of them): {common[0]}"
+        if failed == total:
+            print(f"error: all {total} trials failed; {cause}; error rows in {where}", file=sys.stderr)
+            return 1
+        print(f"warning: {failed} of {total} trials failed; {cause}; error rows in {where}", file=sys.stderr)
     return 0
+
+
+def failure_summary(rows: list[dict[str, Any]]) -> tuple[int, int, tuple[str, int] | None]:
+    """(trials, failed trials, (most common error among the failed, how many failed with it)).
+    A trial failed when every one of its members (seeds) has an error row."""
+    from collections import Counter
+
+    seeds: dict[str, set] = {}
+    failed_seeds: dict[str, set] = {}
+    errors: dict[str, list[str]] = {}
+    for row in rows:
+        trial, seed = row["trial_id"], (row.get("config") or {}).get("seed")
+        seeds.setdefault(trial, set()).add(seed)
+        if row.get("status") == "error":
+            failed_seeds.setdefault(trial, set()).add(seed)
+            errors.setdefault(trial, []).append(str(row.get("error") or "unknown error"))
+    failed = [t for t in seeds if failed_seeds.get(t, set()) >= seeds[t] and t in failed_seeds]
+    counts = Counter(message for t in failed for message in dict.fromkeys(errors[t]))
+    return len(seeds), len(failed), counts.most_common(1)[0] if counts else None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""benchmarks/: ratios only against what the same run measures; a figure from elsewhere may be
+printed, labelled with its source, machine and date, never divided by; the last line is one JSON object."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = sorted(p for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+
+
+def _fixed_figures(tree: ast.Module) -> set[str]:
+    """Module-level names bound to numbers written as literals (alone, or inside a dict/list/tuple):
+    figures typed in, as opposed to units (2**20) or values measured at run time."""
+    def literal_numbers(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+        if isinstance(node, ast.Dict):
+            return any(v is not None and literal_numbers(v) for v in node.values)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return any(literal_numbers(e) for e in node.elts)
+        return False
+
+    names = set()
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and literal_numbers(stmt.value):
+            names |= {t.id for t in stmt.targets if isinstance(t, ast.Name)}
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None and literal_numbers(stmt.value):
+            names |= {stmt.target.id} if isinstance(stmt.target, ast.Name) else set()
+    return names
+
+
+def _divisions_by(tree: ast.Module, names: set[str]) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Div, ast.FloorDiv)):
+            used = {n.id for side in (node.left, node.right) for n in ast.walk(side) if isinstance(n, ast.Name)}
+            found += [f"line {node.lineno}: {ast.unparse(node)}" for _ in (used & names)][:1]
+    return found
+
+
+# (script, name) of typed-in module constants that may take part in a division, each with why it is
+# not a figure from elsewhere (e.g. a batch size the script itself uses). None are needed today.
+ALLOWED: dict[tuple[str, str], str] = {}
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
+def test_benchmark_never_divides_by_a_typed_in_figure(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    figures = {n for n in _fixed_figures(tree) if (path.name, n) not in ALLOWED}
+    assert _divisions_by(tree, figures) == [], (
+        f"{path.name} divides by a figure typed into the script ({', '.join(sorted(figures))}): a ratio must be "
+        "against something measured in the same run; print a figure from elsewhere, labelled, instead")
+
+
+def test_the_rule_catches_the_old_update_speed_division():
+    old = ast.parse('AUTHORS_MS = {"no_teacher": 185.0}\nms = 90.0\nspeedup = round(AUTHORS_MS["no_teacher"] / ms, 2)\n')
+    assert _divisions_by(old, _fixed_figures(old))
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args", [("update_speed.py", ["--threads", "1", "--rounds", "1", "--updates", "1"]),
+                                         ("act_latency.py", ["--threads", "1", "--repeats", "1"])])
+def test_external_figures_are_labelled_and_no_ratio_uses_them(script, args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                            timeout=900, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = _last_json(result.stdout)
+    external = data["external_not_measured_here"]
+    assert {"source", "machine", "date"} <= set(external)
+    assert "authors" not in json.dumps(data["rows"])  # no speed-up against the authors' figures
+    assert "not measured in this run" in result.stdout

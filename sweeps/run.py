@@ -206,7 +206,20 @@ def run_sweep(args: argparse.Namespace) -> Path:
     from sweeps.results import merge_rows, read_rows, rows_from_result_grid, write_rows, write_sweep_meta
     from sweeps.tune_adapter import trainable
 
-    ray.init(address=args.address, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
+    # written first: with the rows streamed to results.jsonl, a report can be made mid-sweep
+    store_tasks = _store_tasks(inputs.data)
+    write_sweep_meta(local_out, {
+        "name": f"{args.grid}-{args.preset}", "grid": args.grid if args.search == "grid" else "search",
+        "swept": swept_keys(args.grid) if args.search == "grid" else ["d_coef", "batch_size", "lr"],
+        "preset": args.preset, "seeds": args.seeds or base.num_seeds, "tasks": base.eval_tasks or store_tasks,
+        "task_set": "mt30" if len(store_tasks) == 30 else ("mt-mini" if args.preset == "quick" else args.preset),
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "teacher": {"paths": inputs.teachers, "default": inputs.default_teacher},
+        "data": inputs.data, "base_config": base.to_dict(), "trials": len(configs),
+    })
+
+    # no --address: a Ray of this process's own, never a cluster already running on the machine
+    ray.init(address=args.address or "local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"DISTILL_TRIAL_THREADS": str(max(1, int(args.cpus_per_trial))),
                                                                  "MUJOCO_GL": os.environ["MUJOCO_GL"],
                                                                  "PYTHONPATH": str(_REPO)}})
@@ -220,22 +233,12 @@ def run_sweep(args: argparse.Namespace) -> Path:
             print(f"resuming {experiment}", file=sys.stderr)
             tuner = tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
         else:
-            tuner = _new_tuner(args, fn, configs, base, storage_path)
+            tuner = _new_tuner(args, fn, configs, base, storage_path, local_out)
         grid = tuner.fit()
         rows = merge_rows(read_rows(local_out), rows_from_result_grid(grid))
     finally:
         ray.shutdown()
     write_rows(local_out, rows)
-    store_tasks = _store_tasks(inputs.data)
-    write_sweep_meta(local_out, {
-        "name": f"{args.grid}-{args.preset}", "grid": args.grid if args.search == "grid" else "search",
-        "swept": swept_keys(args.grid) if args.search == "grid" else ["d_coef", "batch_size", "lr"],
-        "preset": args.preset, "seeds": args.seeds or base.num_seeds, "tasks": base.eval_tasks or store_tasks,
-        "task_set": "mt30" if len(store_tasks) == 30 else ("mt-mini" if args.preset == "quick" else args.preset),
-        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "teacher": {"paths": inputs.teachers, "default": inputs.default_teacher},
-        "data": inputs.data, "base_config": base.to_dict(), "trials": len(configs),
-    })
     if not args.no_report:
         subprocess.run([sys.executable, str(_REPO / "analysis" / "report.py"), str(local_out)], check=False)
     if remote:
@@ -273,11 +276,13 @@ def _store_tasks(data: str) -> list[str]:
     return list(EpisodeStore(data).manifest.tasks)
 
 
-def _new_tuner(args, fn, configs, base: TrialConfig, storage_path: str):
+def _new_tuner(args, fn, configs, base: TrialConfig, storage_path: str, local_out: Path):
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
-    run_config = RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=1,
+    from sweeps.tune_adapter import StreamRows
+
+    run_config = RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=1, callbacks=[StreamRows(local_out)],
                            failure_config=FailureConfig(max_failures=args.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=1))
     if args.search == "optuna":

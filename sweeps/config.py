@@ -4,15 +4,17 @@ from __future__ import annotations
 import math
 import numbers
 import types
+import json
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
-from agent.config import DISTILL_TARGETS, QUANT_MODES, ModelConfig, PlannerConfig
+from agent.config import DISTILL_TARGETS, QUANT_MODES, ModelConfig, PlannerConfig, TrainConfig
 from agent.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+TRIAL_OWNED = {"batch_size", "lr", "seed"}  # TrainConfig fields a trial sets from its own fields
 PRECISIONS = ("fp32", "bf16")  # agent.population.PRECISIONS
 
 
@@ -42,6 +44,10 @@ class TrialConfig:
     eval_max_steps: int | None = None  # None = the official 500 agent steps
     eval_planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for evaluation
     quant_modes: list[str] = field(default_factory=lambda: ["fp32", "fp16"])
+    # any other agent.config.TrainConfig setting, nested as there (e.g. {"horizon": 5, "loss":
+    # {"rho": 0.7}}); `--set train.loss.rho=0.7` sets one entry. batch_size, lr, seed, d_coef and
+    # target are the trial's own fields above.
+    train: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"              # auto: cuda when Ray gave the trial a GPU, else cpu
     precision: str = "fp32"           # training precision: fp32 (TF32 matmuls on CUDA) or bf16 autocast
     # fault injection, for the service's own failure tests: the trials with seed `fault_*_seed`
@@ -69,6 +75,7 @@ class TrialConfig:
         unknown = [m for m in self.quant_modes if m not in QUANT_MODES]
         if unknown:
             raise ConfigError(f"quant_modes: unknown quantization mode {unknown[0]!r}; known: {', '.join(QUANT_MODES)}")
+        self.train_config()  # every agent training setting, validated where the agent defines it
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -111,7 +118,32 @@ class TrialConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
         return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
 
+    def train_config(self) -> TrainConfig:
+        """The agent's TrainConfig of this trial: its defaults, the trial's own fields, then `train`."""
+        distill = self.train.get("distill", {})
+        owned = [f"train.{k}" for k in sorted(TRIAL_OWNED & set(self.train))] + \
+            [f"train.distill.{k}" for k in ("target", "d_coef") if isinstance(distill, dict) and k in distill]
+        if owned:
+            raise ConfigError(f"{owned[0]}: set it as the trial setting {owned[0].rsplit('.', 1)[1]!r} instead")
+        values = TrainConfig().to_dict()
+        values.update(batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+        values["distill"].update(target=self.target if self.d_coef > 0 else None, d_coef=self.d_coef)
+        for key, value in self.train.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        return TrainConfig.from_dict(values)  # ConfigError names the setting ("train: ...", "loss: ...")
+
     def with_overrides(self, overrides: dict[str, Any]) -> "TrialConfig":
+        overrides = dict(overrides)
+        for key in [k for k in overrides if k.startswith("train.")]:  # train.loss.rho=0.7 -> train={"loss": {"rho": 0.7}}
+            *path, leaf = key.split(".")[1:]
+            train = overrides.setdefault("train", json.loads(json.dumps(self.train)))
+            node = train
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = overrides.pop(key)
         known = {f.name: f for f in fields(self)}
         unknown = [k for k in overrides if k not in known]
         if unknown:

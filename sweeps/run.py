@@ -26,7 +26,7 @@ if str(_REPO) not in sys.path:
 os.environ.setdefault("MUJOCO_GL", "disable")
 
 from agent.errors import ConfigError, DistillError  # noqa: E402
-from sweeps.config import PRESETS, TrialConfig, check_setting_type, parse_override, preset_config  # noqa: E402
+from sweeps.config import PRESETS, TRIAL_OWNED, TrialConfig, check_setting_type, parse_override, preset_config  # noqa: E402
 from sweeps.grids import GRID_NAMES, grid_points, swept_keys  # noqa: E402
 
 EXPERIMENT = "sweep"
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default 2)")
     p.add_argument("--no-report", action="store_true", help="skip writing the report")
+    p.add_argument("--list-settings", action="store_true",
+                   help="print every --set setting with the preset's value (train.* = the agent's TrainConfig) and exit")
     return p
 
 
@@ -306,6 +308,27 @@ def _upload(local_out: Path, uri: str) -> None:
     pafs.copy_files(str(local_out), root, destination_filesystem=fs)
 
 
+def list_settings(preset: str) -> str:
+    """Every setting `--set` accepts, with its value in `preset`: the trial's own fields, then the
+    agent's training settings as `train.*` (from agent.config.TrainConfig, nested as there)."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = preset_config(preset)
+    lines = [f"settings of preset {preset!r} (--set KEY=VALUE):"]
+    lines += [f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items() if k != "train"]
+
+    def flatten(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                flatten(f"{prefix}{key}.", value)
+            elif f"{prefix}{key}" not in owned:
+                lines.append(f"  {prefix}{key} = {json.dumps(value)}")
+
+    owned = {f"train.{k}" for k in TRIAL_OWNED} | {"train.distill.target", "train.distill.d_coef"}
+    flatten("train.", cfg.train_config().to_dict())
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
@@ -318,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.list_settings:
+        print(list_settings(args.preset))
+        return 0
     try:
         out = run_sweep(args)
     except DistillError as exc:

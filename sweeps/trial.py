@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from agent.checkpoint import load_world_model, save_world_model
-from agent.config import DistillConfig, TrainConfig, model_config
+from agent.config import TrainConfig, model_config
 from agent.data import EpisodeStore
 from agent.evaluate import evaluate, normalized_score, task_scores
 from agent.population import Population, offline_members
@@ -64,8 +64,7 @@ def trial_device(cfg: TrialConfig) -> torch.device:
 
 
 def train_config(cfg: TrialConfig) -> TrainConfig:
-    return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                       distill=DistillConfig(target=cfg.target if cfg.d_coef > 0 else None, d_coef=cfg.d_coef)).validate()
+    return cfg.train_config()
 
 
 def _row(cfg: TrialConfig, ctx: TrialContext, seed: int, step: int, phase: str, quant: str,

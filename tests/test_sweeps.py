@@ -136,6 +136,8 @@ BAD_SETTINGS: dict[str, list[tuple[str, str]]] = {
     "quant_modes": [('"fp16"', "quant_modes must be a list of strings"), ('["fp7"]', "unknown quantization mode 'fp7'")],
     "device": [("5", "device must be a string"), ("tpu", "device must be one of")],
     "precision": [("5", "precision must be a string"), ("fp8", "precision must be one of")],
+    "train": [("5", "train must be"), ('{"horizon": 0}', "horizon must be >= 1"),
+              ('{"warp": 1}', "warp"), ('{"lr": 0.1}', "set it as the trial setting 'lr'")],
     **{name: [("x", f"{name} must be an integer or null"), ("-1", f"{name} must be >= 0")]
        for name in ("fault_kill_at_step", "fault_kill_seed", "fault_nan_at_step", "fault_nan_seed")},
 }

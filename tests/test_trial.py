@@ -196,3 +196,20 @@ def test_row_stream_appends_as_reported_and_never_duplicates(tmp_path):
     again.add([row(1, 10, 9.0), row(1, 20, 3.0)])
     on_disk = [json.loads(x) for x in (tmp_path / RESULTS_FILE).read_text().splitlines()]
     assert [(r["config"]["seed"], r["step"], r["score"]) for r in on_disk] == [(1, 10, 1.0), (2, 10, 2.0), (1, 20, 3.0)]
+
+
+def test_every_agent_training_setting_can_be_set_from_the_trial():
+    from agent.errors import ConfigError
+    from sweeps.run import list_settings
+
+    cfg = preset_config("quick").with_overrides({"train.loss.rho": 0.7, "train.horizon": 5, "d_coef": 0.2})
+    train = cfg.validate().train_config()
+    assert (train.loss.rho, train.horizon, train.distill.d_coef, train.batch_size) == (0.7, 5, 0.2, cfg.batch_size)
+    assert train.loss.consistency_coef == 20.0  # untouched entries keep the agent's defaults
+    for bad, fragment in (({"train.horizon": 0}, "horizon"), ({"train.warp": 1}, "warp"),
+                          ({"train.lr": 1e-3}, "set it as the trial setting 'lr'"),
+                          ({"train.distill.d_coef": 0.3}, "set it as the trial setting 'd_coef'")):
+        with pytest.raises(ConfigError, match=fragment):
+            preset_config("quick").with_overrides(bad).validate()
+    listing = list_settings("quick")
+    assert "  train.loss.rho = 0.5" in listing and "  num_seeds = 5" in listing and "train.lr" not in listing

@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-from _common import REPO  # noqa: F401  (puts the repo on sys.path)
 
 from agent.config import DistillConfig, TrainConfig, model_config
 from agent.distill import TeacherTargets, teacher_observed_rewards

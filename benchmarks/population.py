@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import REPO  # noqa: F401  (puts the repo on sys.path)
 
 from agent.checkpoint import save_world_model
 from agent.config import DistillConfig, TrainConfig, model_config

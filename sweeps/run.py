@@ -19,9 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+_REPO = Path(__file__).resolve().parents[1]  # default output under runs/; the packages come from the install
 
 os.environ.setdefault("MUJOCO_GL", "disable")
 
@@ -223,8 +221,7 @@ def run_sweep(args: argparse.Namespace) -> Path:
     # no --address: a Ray of this process's own, never a cluster already running on the machine
     ray.init(address=args.address or "local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"DISTILL_TRIAL_THREADS": str(max(1, int(args.cpus_per_trial))),
-                                                                 "MUJOCO_GL": os.environ["MUJOCO_GL"],
-                                                                 "PYTHONPATH": str(_REPO)}})
+                                                                 "MUJOCO_GL": os.environ["MUJOCO_GL"]}})
     try:
         if args.address is not None:
             check_cluster_gpus(args.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
@@ -242,7 +239,7 @@ def run_sweep(args: argparse.Namespace) -> Path:
         ray.shutdown()
     write_rows(local_out, rows)
     if not args.no_report:
-        subprocess.run([sys.executable, str(_REPO / "analysis" / "report.py"), str(local_out)], check=False)
+        subprocess.run([sys.executable, "-m", "analysis.report", str(local_out)], check=False)
     if remote:
         _upload(local_out, out)
     return local_out

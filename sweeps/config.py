@@ -39,6 +39,7 @@ class TrialConfig:
     seed: int = 1                     # the first member's seed
     num_seeds: int = 1                # members: seeds seed .. seed + num_seeds - 1, trained as one population
     eval_every: int = 1000
+    log_every: int = 100              # training metrics (losses, grad norm, lr, updates/s) every N updates
     eval_episodes: int = 2
     eval_plan: bool = True
     eval_max_steps: int | None = None  # None = the official 500 agent steps
@@ -65,7 +66,7 @@ class TrialConfig:
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.d_coef < 0:
             raise ConfigError(f"d_coef must be >= 0, got {self.d_coef}")
-        for name in ("steps", "batch_size", "eval_every", "eval_episodes", "num_seeds"):
+        for name in ("steps", "batch_size", "eval_every", "log_every", "eval_episodes", "num_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -154,12 +155,13 @@ class TrialConfig:
 # Preset overrides. smoke: CI-sized plumbing check (tiny teacher and data built on the fly);
 # quick: the embedded MT-mini benchmark (the default); paper: official teachers and MT30 data.
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(preset="smoke", steps=60, batch_size=32, eval_every=30, eval_episodes=1, eval_max_steps=20,
+    "smoke": dict(preset="smoke", steps=60, batch_size=32, eval_every=30, log_every=10, eval_episodes=1, eval_max_steps=20,
                   student_dims=dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2),
                   eval_planner=dict(iterations=2, num_samples=32, num_elites=4, num_pi_trajs=4),
                   quant_modes=["fp32", "fp16"]),
     "quick": dict(preset="quick"),  # completed from agent.benchmarks.mt_mini.QUICK_DEFAULTS when present
     "paper": dict(preset="paper", student_size=1, student_dims={}, steps=200_000, batch_size=256, eval_every=50_000,
+                  log_every=1000,
                   eval_episodes=10, eval_planner={}, quant_modes=["fp32", "fp16"]),
 }
 

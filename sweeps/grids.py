@@ -1,6 +1,9 @@
 """The paper's ablations as named grids of trial overrides (crossed with seeds by the runner)."""
 from __future__ import annotations
 
+import itertools
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from agent.config import DISTILL_TARGETS, QUANT_MODES
@@ -52,3 +55,169 @@ def swept_keys(name: str) -> list[str]:
     if name == "paper":
         return ["d_coef", "batch_size", "steps", "teacher_size", "target", "quant"]
     return [name, "d_coef"] if name in ("teacher_size", "target") else [name]
+
+
+# -- grids the user writes (--grid KEY=V1,V2,...) and crossed grids (--grid A --grid B) ----------
+
+# keys a user grid may give values for -> the TrialConfig field the values set (`quant` lists the
+# precisions every student is evaluated under at the end: one point)
+GRID_KEYS = {"d_coef": "d_coef", "batch_size": "batch_size", "steps": "steps", "teacher_size": "teacher_size",
+             "target": "target", "lr": "lr", "quant": "quant_modes"}
+_PARTNERED = ("teacher_size", "target")  # grids that carry the scratch student (d_coef 0) as a partner
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """One --grid argument: a named grid (`values` None) or a key with the user's values."""
+
+    key: str
+    values: tuple | None = None
+
+    def __str__(self) -> str:
+        if self.values is None:
+            return self.key
+        return f"{self.key}={','.join(_format_value(v) for v in self.values)}"
+
+
+def _format_value(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """`raw` as a value of the setting `key` (its declared type): strings stay strings (teacher
+    labels such as 48), numbers are JSON numbers, an integer setting takes no fraction."""
+    from sweeps.config import _hints, check_setting_type
+
+    hint = _hints(TrialConfig)[GRID_KEYS[key]]
+    if key == "quant":
+        return raw
+    if hint is str:
+        value: Any = raw
+    else:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+    check_setting_type(GRID_KEYS[key], value)
+    return value
+
+
+def parse_grid(text: str) -> GridSpec:
+    """`d_coef` (a named grid) or `d_coef=0,0.2,0.4` (the user's values, typed as the setting);
+    raises ConfigError naming the argument."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        if key not in GRID_NAMES:
+            raise ConfigError(f"unknown grid {key!r}; known: {', '.join(GRID_NAMES)} (or KEY=V1,V2,... with KEY one "
+                              f"of {', '.join(GRID_KEYS)})")
+        return GridSpec(key)
+    if key not in GRID_KEYS:
+        raise ConfigError(f"--grid {text}: cannot give values for {key!r}; keys: {', '.join(GRID_KEYS)}")
+    items = [item.strip() for item in raw.split(",")]
+    if not raw.strip() or any(not item for item in items):
+        raise ConfigError(f"--grid {text}: give comma-separated values, e.g. --grid {key}=V1,V2")
+    values = []
+    for item in items:
+        try:
+            value = _parse_value(key, item)
+        except ConfigError as exc:
+            raise ConfigError(f"--grid {text}: {exc}") from None
+        if key == "quant" and value not in QUANT_MODES:
+            raise ConfigError(f"--grid {text}: unknown quantization mode {value!r}; known: {', '.join(QUANT_MODES)}")
+        if value in values:
+            raise ConfigError(f"--grid {text}: value {item} given twice")
+        values.append(value)
+    return GridSpec(key, tuple(values))
+
+
+def parse_grids(texts: list[str]) -> list[GridSpec]:
+    """Every --grid argument; a key may appear once, and `paper` stands alone."""
+    specs = [parse_grid(t) for t in texts]
+    keys = [s.key for s in specs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"--grid {twice} given twice; give each key once (crossed grids: --grid A --grid B)")
+    if "paper" in keys and len(specs) > 1:
+        raise ConfigError("--grid paper runs every ablation; it cannot be crossed with other grids")
+    return specs
+
+
+def check_grid_values(spec: GridSpec, base: TrialConfig) -> None:
+    """Each of a user grid's values must make a valid trial (ranges as for --set)."""
+    from dataclasses import replace
+
+    for value in spec.values or ():
+        values = {GRID_KEYS[spec.key]: [value] if spec.key == "quant" else value}
+        if spec.key == "steps":
+            values["eval_every"] = min(base.eval_every, value)
+        try:
+            replace(base, **values).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"--grid {spec}: {exc}") from None
+
+
+def spec_points(spec: GridSpec, base: TrialConfig, teacher_sizes: list[str]) -> list[dict[str, Any]]:
+    """The points of one --grid argument: the named grid's, or one per user value (plus the scratch
+    partner for teacher_size and target, as their named grids)."""
+    if spec.values is None:
+        return grid_points(spec.key, base, teacher_sizes)
+    if spec.key == "quant":
+        return [dict(ablation="quant", quant_modes=list(spec.values))]
+    field = GRID_KEYS[spec.key]
+    points = []
+    for value in spec.values:
+        point = {"ablation": spec.key, field: value}
+        if spec.key == "steps":
+            point["eval_every"] = min(base.eval_every, value)
+        points.append(point)
+    return points + ([SCRATCH(spec.key)] if spec.key in _PARTNERED else [])
+
+
+def cross_points(specs: list[GridSpec], base: TrialConfig, teacher_sizes: list[str]) -> list[dict[str, Any]]:
+    """The trials of the --grid arguments: one grid's points, or the product of several grids'.
+
+    A crossed sweep keeps one scratch student (d_coef 0) per combination of the other keys when a
+    grid has a scratch partner (teacher_size, target) or d_coef is crossed: a scratch student uses
+    neither teacher nor target, so those keys are dropped from it and its duplicates merged."""
+    if len(specs) == 1:
+        return spec_points(specs[0], base, teacher_sizes)
+    label = " x ".join(s.key for s in specs)
+    axes, partner = [], False
+    for spec in specs:
+        points = [{k: v for k, v in p.items() if k != "ablation"} for p in spec_points(spec, base, teacher_sizes)]
+        scratch = [p for p in points if p == {"d_coef": 0.0} and spec.key != "d_coef"]
+        partner = partner or bool(scratch)
+        axes.append([p for p in points if p not in scratch])
+    if partner:
+        d_axis = next((axis for axis, spec in zip(axes, specs) if spec.key == "d_coef"), None)
+        if d_axis is None:
+            axes.append([{}, {"d_coef": 0.0}])
+        elif not any(p["d_coef"] == 0.0 for p in d_axis):
+            d_axis.insert(0, {"d_coef": 0.0})
+    crossed: list[dict[str, Any]] = []
+    for combination in itertools.product(*axes):
+        point: dict[str, Any] = {"ablation": label}
+        for part in combination:
+            point.update(part)
+        if point.get("d_coef", base.d_coef) == 0.0:
+            point.pop("teacher_size", None)
+            point.pop("target", None)
+        if point not in crossed:
+            crossed.append(point)
+    return crossed
+
+
+def specs_swept_keys(specs: list[GridSpec]) -> list[str]:
+    """sweep.json's `swept` for the --grid arguments: each grid's keys, in order, once."""
+    keys: list[str] = []
+    for spec in specs:
+        keys += [k for k in swept_keys(spec.key) if k not in keys]
+    return keys
+
+
+def describe_grids(specs: list[GridSpec]) -> str:
+    """sweep.json's `grid`: the named grid as before, else the arguments joined ('d_coef x teacher_size')."""
+    return " x ".join(str(s) for s in specs)

@@ -57,7 +57,7 @@ def _trial_id(result) -> str:
     """Ray's trial id (as the trial itself reports it), from the metrics or the trial directory name."""
     if result.metrics and result.metrics.get("trial_id"):
         return str(result.metrics["trial_id"])
-    match = re.search(r"_([0-9a-f]{5}_\d{5})_", result.path.rstrip("/").rsplit("/", 1)[-1])
+    match = re.search(r"_([0-9a-f]{5}_\d{5})(?:_|$)", result.path.rstrip("/").rsplit("/", 1)[-1])
     return match.group(1) if match else result.path.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -85,7 +85,7 @@ def rows_from_result_grid(grid) -> list[dict[str, Any]]:
             for seed in range(first, first + int(config.get("num_seeds") or 1)):  # one error row per member
                 rows.append({"trial_id": _trial_id(result), "status": "error",
                              "config": {**{k: config.get(k) for k in ("d_coef", "batch_size", "steps", "teacher_size",
-                                                                      "target", "ablation")}, "seed": seed},
+                                                                      "target", "ablation", "lr")}, "seed": seed},
                              "step": reported[-1]["step"] if reported else 0, "phase": "train", "quant": "fp32",
                              "score": None, "task_scores": None, "size_mib": None,
                              "episodes": config.get("eval_episodes"),

@@ -4,8 +4,10 @@
   python sweeps/run.py --grid d_coef --preset smoke --out runs/smoke
   python sweeps/run.py --grid paper --preset paper --teacher 317=mt30-317M.pt --teacher 48=mt30-48M.pt \\
       --data /data/mt30-store --address auto --gpus-per-trial 0.25 --out s3://bucket/sweeps/paper
+  python sweeps/run.py --grid d_coef=0,0.2,0.4 --grid teacher_size   # your own values, crossed grids
 
 Results: OUT/sweep.json, OUT/results.jsonl (docs/results-format.md) and OUT/report/report.md.
+Learning curves (losses, grad norm, lr, updates/s, per-task scores): tensorboard --logdir OUT
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ os.environ.setdefault("MUJOCO_GL", "disable")
 
 from agent.errors import ConfigError, DistillError  # noqa: E402
 from sweeps.config import PRESETS, TRIAL_OWNED, TrialConfig, check_setting_type, parse_override, preset_config  # noqa: E402
-from sweeps.grids import GRID_NAMES, grid_points, swept_keys  # noqa: E402
+from sweeps.grids import (GRID_KEYS, GRID_NAMES, GridSpec, check_grid_values, cross_points, describe_grids,  # noqa: E402
+                          parse_grids, specs_swept_keys)
 
 EXPERIMENT = "sweep"
 SETTINGS = {f.name for f in fields(TrialConfig)}
@@ -37,7 +40,10 @@ class UsageError(DistillError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweeps/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", default="d_coef", help=f"ablation grid: {', '.join(GRID_NAMES)} (default d_coef)")
+    p.add_argument("--grid", action="append", default=None, metavar="GRID",
+                   help=f"ablation grid: {', '.join(GRID_NAMES)} (default d_coef); or KEY=V1,V2,... with your own "
+                        f"values for KEY in {', '.join(GRID_KEYS)} (e.g. --grid d_coef=0,0.2,0.4); repeat to cross "
+                        "grids (--grid d_coef --grid teacher_size runs the product)")
     p.add_argument("--preset", default="quick", help=f"{', '.join(PRESETS)} (default quick: the MT-mini benchmark)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per grid point, trained as one population in one trial (default: the preset's; quick 5)")
@@ -50,13 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="append", default=[], metavar="[LABEL=]PATH",
                    help="teacher checkpoint (any TD-MPC2 layout); LABEL=PATH names teachers for the teacher_size grid")
     p.add_argument("--data", default=None, help="episode store directory (python -m agent.data import-tdmpc2 makes one)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out; finished trials are kept")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out, given its own --grid/--set/--seeds/--preset (refused "
+                        "when they differ or there is nothing to resume); finished trials are kept")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster); default: embedded local Ray")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default 0)")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default 2)")
     p.add_argument("--no-report", action="store_true", help="skip writing the report")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log every trial's metrics to Weights & Biases project PROJECT (Ray Tune's "
+                        "WandbLoggerCallback; needs `pip install wandb` and a wandb login)")
     p.add_argument("--list-settings", action="store_true",
                    help="print every --set setting with the preset's value (train.* = the agent's TrainConfig) and exit")
     return p
@@ -71,8 +81,7 @@ def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]
     """Everything that can be checked before Ray starts. Returns the base config and overrides."""
     from agent.tasksets import task_spec
 
-    if args.grid not in GRID_NAMES:
-        raise UsageError(f"unknown grid {args.grid!r}; known: {', '.join(GRID_NAMES)}")
+    specs = grid_specs(args)
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
     if args.seeds is not None and args.seeds < 1:
@@ -91,11 +100,145 @@ def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]
             except ConfigError as exc:
                 raise UsageError(f"--set {item}: {exc}") from None
     base = preset_config(args.preset).with_overrides(overrides).validate()
+    for spec in specs:  # the values of user grids, as --set values are checked
+        try:
+            check_grid_values(spec, base)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
     for task in base.eval_tasks:
         task_spec(task)
+    if args.wandb is not None:
+        check_wandb(args.wandb)
     check_out(args.out if args.out is not None else _default_out(args))
+    if args.resume:
+        check_resume(args, base, args.out if args.out is not None else _default_out(args))
     preflight(args, base, overrides)
     return base, overrides
+
+
+def grid_specs(args: argparse.Namespace) -> list[GridSpec]:
+    """The --grid arguments, parsed (default: the d_coef grid)."""
+    try:
+        return parse_grids(args.grid or ["d_coef"])
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def wandb_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+def check_wandb(project: str) -> None:
+    if not project.strip():
+        raise UsageError("--wandb needs a project name, e.g. --wandb distill-sweeps")
+    if not wandb_installed():
+        raise UsageError(f"--wandb {project}: the wandb package is not installed (pip install wandb, then wandb login), "
+                         "or drop --wandb")
+
+
+TUNER_STATE = "tuner.pkl"  # what Tune.Tuner.can_restore looks for in an experiment directory
+
+
+def _local_out(out: str) -> Path:
+    """Where the result files are written on this machine (a remote --out is uploaded at the end)."""
+    return Path(out) if "://" not in out else Path(_REPO / "runs" / ".remote" / out.split("://", 1)[1])
+
+
+def _restorable(out: str) -> bool:
+    """Whether OUT holds Tune experiment state to resume from (as tune.Tuner.can_restore decides)."""
+    _, storage_path = _storage(out)
+    experiment = f"{storage_path}/{EXPERIMENT}"
+    if "://" not in experiment:
+        return (Path(experiment) / TUNER_STATE).is_file()
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(experiment)
+        return fs.get_file_info(f"{root}/{TUNER_STATE}").type == pafs.FileType.File
+    except (OSError, ValueError):
+        return False
+
+
+def _read_sweep_meta(out: str) -> dict[str, Any] | None:
+    from sweeps.results import SWEEP_FILE
+
+    local = _local_out(out) / SWEEP_FILE
+    try:
+        if local.is_file():
+            return json.loads(local.read_text())
+        if "://" in out:
+            import pyarrow.fs as pafs
+
+            fs, root = pafs.FileSystem.from_uri(out.rstrip("/") + "/" + SWEEP_FILE)
+            with fs.open_input_stream(root) as handle:
+                return json.loads(handle.read().decode())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def sweep_identity(args: argparse.Namespace, base: TrialConfig) -> dict[str, Any]:
+    """What makes a sweep the sweep it is (recorded in sweep.json; --resume must match it)."""
+    return {"preset": args.preset, "search": args.search, "grids": [str(s) for s in grid_specs(args)],
+            "seeds": args.seeds or base.num_seeds, "base_config": base.to_dict()}
+
+
+def _flat_settings(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: v for k, v in config.items() if k != "train"}
+
+    def walk(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and value:
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("train.", config.get("train") or {})
+    return flat
+
+
+def resume_difference(now: dict[str, Any], before: dict[str, Any]) -> str | None:
+    """The first way in which this command's sweep (`now`, sweep_identity) differs from the one
+    recorded in sweep.json (`before`), as the flags that differ; None when they agree."""
+    if before.get("preset") not in (None, now["preset"]):
+        return f"--preset {now['preset']} here, --preset {before['preset']} in the sweep being resumed"
+    if before.get("search", "grid") != now["search"]:
+        return f"--search {now['search']} here, --search {before.get('search', 'grid')} in the sweep being resumed"
+    old_grids = before.get("grids")
+    if old_grids is None and before.get("grid") not in (None, "search"):
+        old_grids = [before["grid"]]
+    if now["search"] == "grid" and old_grids is not None and old_grids != now["grids"]:
+        return (f"--grid {' --grid '.join(now['grids'])} here, --grid {' --grid '.join(old_grids)} "
+                "in the sweep being resumed")
+    if before.get("seeds") not in (None, now["seeds"]):
+        return f"--seeds {now['seeds']} here, --seeds {before['seeds']} in the sweep being resumed"
+    old, new = _flat_settings(before.get("base_config") or {}), _flat_settings(now["base_config"])
+    for key in list(new) + [k for k in old if k not in new]:
+        if (key in old and key in new and old[key] == new[key]) or \
+                (not key.startswith("train.") and (key not in old or key not in new)):  # a setting newer than the sweep
+            continue
+        here = f"--set {key}={json.dumps(new[key])}" if key in new else f"no --set {key}"
+        there = f"{key}={json.dumps(old[key])}" if key in old else f"no {key}"
+        return f"{here} here, {there} in the sweep being resumed"
+    return None
+
+
+def check_resume(args: argparse.Namespace, base: TrialConfig, out: str) -> None:
+    """--resume continues the sweep at OUT as it was started: refuse when there is nothing to
+    restore, or when this command's grid, settings, seeds, preset or search differ from sweep.json's."""
+    if not _restorable(out):
+        raise UsageError(f"--resume: nothing to resume at {out} (no Tune experiment state in it); "
+                         "drop --resume to start the sweep there")
+    before = _read_sweep_meta(out)
+    if before is None:
+        raise UsageError(f"--resume: {out} has Tune state but no readable sweep.json, so this command cannot be "
+                         "checked against the sweep it would resume; use a new --out")
+    difference = resume_difference(sweep_identity(args, base), before)
+    if difference is not None:
+        raise UsageError(f"--resume at {out}: {difference}; resume with the sweep's own arguments, or start a "
+                         "new sweep in another --out")
 
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")  # pyarrow file systems Tune's storage can use
@@ -166,12 +309,19 @@ def preflight(args: argparse.Namespace, base: TrialConfig, overrides: dict[str, 
 
 
 def _default_out(args: argparse.Namespace) -> str:
-    return str(_REPO / "runs" / f"{args.grid}-{args.preset}")
+    return str(_REPO / "runs" / f"{'-x-'.join(s.key for s in grid_specs(args))}-{args.preset}")
 
 
 def trial_configs(args: argparse.Namespace, base: TrialConfig, teachers: dict[str, str], default_teacher: str,
                   overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    points = grid_points(args.grid, base, [k for k in teachers if k != "default"] or [default_teacher])
+    labels = [k for k in teachers if k != "default"] or [default_teacher]
+    specs = grid_specs(args)
+    for spec in specs:
+        unknown = [v for v in spec.values or () if spec.key == "teacher_size" and v not in teachers]
+        if unknown:
+            raise UsageError(f"--grid {spec}: no teacher labelled {unknown[0]!r}; teachers: {', '.join(labels)} "
+                             "(--teacher LABEL=PATH names them)")
+    points = cross_points(specs, base, labels)
     configs = []
     num_seeds = args.seeds or base.num_seeds
     for point in points:  # one trial per grid point, its seeds trained together (TrialConfig.num_seeds)
@@ -194,7 +344,7 @@ def run_sweep(args: argparse.Namespace) -> Path:
         check_local_gpus(args.gpus_per_trial, base)
     out = args.out or _default_out(args)
     remote, storage_path = _storage(out)
-    local_out = Path(out) if not remote else Path(_REPO / "runs" / ".remote" / out.split("://", 1)[1])
+    local_out = _local_out(out)
     local_out.mkdir(parents=True, exist_ok=True)
     inputs = resolve_inputs_for(args, local_out)
     configs = trial_configs(args, base, inputs.teachers, inputs.default_teacher, overrides)
@@ -206,17 +356,22 @@ def run_sweep(args: argparse.Namespace) -> Path:
     from sweeps.results import merge_rows, read_rows, rows_from_result_grid, write_rows, write_sweep_meta
     from sweeps.tune_adapter import trainable
 
-    # written first: with the rows streamed to results.jsonl, a report can be made mid-sweep
+    # written first: with the rows streamed to results.jsonl, a report can be made mid-sweep. A
+    # resumed sweep keeps its own (check_resume found it equal to this command's)
     store_tasks = _store_tasks(inputs.data)
-    write_sweep_meta(local_out, {
-        "name": f"{args.grid}-{args.preset}", "grid": args.grid if args.search == "grid" else "search",
-        "swept": swept_keys(args.grid) if args.search == "grid" else ["d_coef", "batch_size", "lr"],
-        "preset": args.preset, "seeds": args.seeds or base.num_seeds, "tasks": base.eval_tasks or store_tasks,
-        "task_set": "mt30" if len(store_tasks) == 30 else ("mt-mini" if args.preset == "quick" else args.preset),
-        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "teacher": {"paths": inputs.teachers, "default": inputs.default_teacher},
-        "data": inputs.data, "base_config": base.to_dict(), "trials": len(configs),
-    })
+    specs = grid_specs(args)
+    if not (args.resume and _read_sweep_meta(out) is not None):
+        write_sweep_meta(local_out, {
+            **sweep_identity(args, base),
+            "name": f"{describe_grids(specs)}-{args.preset}",
+            "grid": describe_grids(specs) if args.search == "grid" else "search",
+            "swept": specs_swept_keys(specs) if args.search == "grid" else ["d_coef", "batch_size", "lr"],
+            "tasks": base.eval_tasks or store_tasks,
+            "task_set": "mt30" if len(store_tasks) == 30 else ("mt-mini" if args.preset == "quick" else args.preset),
+            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "teacher": {"paths": inputs.teachers, "default": inputs.default_teacher},
+            "data": inputs.data, "trials": len(configs),
+        })
 
     # no --address: a Ray of this process's own, never a cluster already running on the machine
     ray.init(address=args.address or "local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
@@ -228,7 +383,9 @@ def run_sweep(args: argparse.Namespace) -> Path:
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
         fn = tune.with_resources(trainable, resources)
         experiment = f"{storage_path}/{EXPERIMENT}"
-        if args.resume and tune.Tuner.can_restore(experiment):
+        # Tune's legacy console output: the only one that takes a progress reporter (CLIReporter)
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        if args.resume:  # check_resume found it restorable and the same sweep
             print(f"resuming {experiment}", file=sys.stderr)
             tuner = tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
         else:
@@ -279,11 +436,20 @@ def _new_tuner(args, fn, configs, base: TrialConfig, storage_path: str, local_ou
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
-    from sweeps.tune_adapter import StreamRows
+    from sweeps.tune_adapter import TrialNamer, progress_reporter
 
-    run_config = RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=1, callbacks=[StreamRows(local_out)],
+    searched = ["d_coef", "batch_size", "lr"] if args.search == "optuna" else []
+    swept = searched or specs_swept_keys(grid_specs(args))
+    name_keys = None if args.search == "grid" and grid_specs(args)[0].key == "paper" else swept
+    # CheckpointConfig(num_to_keep=None): with num_to_keep set, Tune forces an experiment snapshot
+    # whenever a trial has checkpointed num_to_keep times since the last one, i.e. at every
+    # evaluation of every trial with num_to_keep=1 ("Experiment state snapshotting has been
+    # triggered multiple times ..."). A trial keeps its steps / eval_every checkpoints instead.
+    run_config = RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=1, callbacks=run_callbacks(args, local_out),
                            failure_config=FailureConfig(max_failures=args.max_failures),
-                           checkpoint_config=CheckpointConfig(num_to_keep=1))
+                           checkpoint_config=CheckpointConfig(num_to_keep=None),
+                           progress_reporter=progress_reporter(swept, searched))
+    naming = dict(trial_name_creator=TrialNamer(name_keys), trial_dirname_creator=TrialNamer(name_keys, dirname=True))
     if args.search == "optuna":
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
@@ -292,10 +458,24 @@ def _new_tuner(args, fn, configs, base: TrialConfig, storage_path: str, local_ou
                  "batch_size": tune.choice([128, 256, 512, 1024]), "lr": tune.loguniform(1e-4, 1e-3)}
         tune_config = tune.TuneConfig(metric="score", mode="max", search_alg=OptunaSearch(seed=base.seed),
                                       scheduler=ASHAScheduler(time_attr="step", max_t=base.steps, grace_period=base.eval_every),
-                                      num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None)
+                                      num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None,
+                                      **naming)
         return tune.Tuner(fn, param_space=space, tune_config=tune_config, run_config=run_config)
-    tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None)
+    tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, **naming)
     return tune.Tuner(fn, param_space={"trial": tune.grid_search(configs)}, tune_config=tune_config, run_config=run_config)
+
+
+def run_callbacks(args: argparse.Namespace, local_out: Path) -> list:
+    """Tune callbacks of a sweep: rows to results.jsonl as they arrive, and with --wandb, Ray
+    Tune's own W&B logger (one W&B run per trial, grouped by sweep; the rows' JSON stays out)."""
+    from sweeps.tune_adapter import StreamRows
+
+    callbacks = [StreamRows(local_out)]
+    if args.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=args.wandb, group=local_out.name, excludes=["row_json"]))
+    return callbacks
 
 
 def _upload(local_out: Path, uri: str) -> None:

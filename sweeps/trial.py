@@ -33,6 +33,14 @@ class Reporter(Protocol):
     def __call__(self, rows: list[dict[str, Any]], checkpoint_dir: Path | None) -> None: ...
 
 
+class MetricsReporter(Protocol):
+    """Receives the training metrics of the last `log_every` updates (run_trial's optional second
+    reporter): `step` is the update count, `metrics` the members' means (losses, grad norms, lr,
+    updates/s) with each member's own under metrics["seed"][str(seed)]."""
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss."""
 
@@ -118,22 +126,75 @@ def _inject_faults(cfg: TrialConfig, ctx: TrialContext, step: int, members: Any)
                     members.member(k)._dynamics[0].weight.fill_(float("nan"))
 
 
-def _update(members: Any) -> list[float]:
-    """One update of every member -> their total losses (NaN for a member whose weights are
-    non-finite: NaN weights can break two-hot indexing mid-update)."""
+def _update(members: Any) -> tuple[list[dict[str, float]], bool]:
+    """One update of every member -> (each member's metrics, whether the update ran). A member whose
+    weights are non-finite gets a NaN total (NaN weights can break two-hot indexing mid-update)."""
     try:
-        return [m["total"] for m in members.update()]
+        return members.update(), True
     except RuntimeError:
         finite = members.finite_members()
         if all(finite):
             raise  # a genuine failure: let the scheduler retry from the checkpoint
-        return [0.0 if ok else float("nan") for ok in finite]
+        return [{"total": 0.0 if ok else float("nan")} for ok in finite], False
+
+
+MEMBER_METRICS = ("total", "consistency", "reward", "value", "distill", "pi_loss", "grad_norm")  # also per member
+_NOT_AVERAGED = ("step", "update_ms", "updates_per_s")  # the window's own rate replaces the last update's
+
+
+def _learning_rate(members: Any) -> float | None:
+    """The model optimizer's learning rate (its largest group: the encoder's is scaled down)."""
+    optim = getattr(members, "optim", None)
+    if optim is None and getattr(members, "trainers", None):
+        optim = members.trainers[0].optim
+    return None if optim is None else float(max(group["lr"] for group in optim.param_groups))
+
+
+class _MetricWindow:
+    """Training metrics of every member since the last log: per-seed sums of each metric, and the
+    seconds spent in updates (evaluations excluded)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, float]] = {}
+        self.counts: dict[int, int] = {}
+        self.updates = 0
+        self.seconds = 0.0
+
+    def add(self, seeds: list[int], metrics: list[dict[str, float]], seconds: float) -> None:
+        self.updates += 1
+        self.seconds += seconds
+        for seed, values in zip(seeds, metrics):
+            if not math.isfinite(values.get("total", float("nan"))):
+                continue
+            sums = self.sums.setdefault(seed, {})
+            for key, value in values.items():
+                if key not in _NOT_AVERAGED:
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            self.counts[seed] = self.counts.get(seed, 0) + 1
+
+    def summary(self, alive: list[int], lr: float | None) -> dict[str, Any] | None:
+        """Means over the window and over the members still training; None when nothing to say."""
+        seeds = [s for s in alive if self.counts.get(s)]
+        if not seeds or not self.updates:
+            return None
+        per_seed = {s: {k: v / self.counts[s] for k, v in self.sums[s].items()} for s in seeds}
+        keys = [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]
+        out: dict[str, Any] = {k: sum(per_seed[s][k] for s in seeds) / len(seeds) for k in keys}
+        if lr is not None:
+            out["lr"] = lr
+        rate = self.updates / self.seconds if self.seconds > 0 else float("nan")
+        out["updates_per_s"] = rate  # population updates (every member one step) per second
+        out["member_updates_per_s"] = rate * len(seeds)
+        out["seed"] = {str(s): {k: per_seed[s][k] for k in MEMBER_METRICS if k in per_seed[s]} for s in seeds}
+        return out
 
 
 def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
-              log: Callable[[str], None] = lambda _: None) -> None:
+              log: Callable[[str], None] = lambda _: None, metrics: MetricsReporter | None = None) -> None:
     """Train and evaluate one trial: the setting `cfg` with its seeds (cfg.member_seeds()) trained
-    as one population, one row per member and evaluation (see docs/results-format.md).
+    as one population, one row per member and evaluation (see docs/results-format.md). With
+    `metrics`, the training metrics averaged over every `cfg.log_every` updates go there too (at
+    an evaluation step, after that evaluation's report).
 
     A diverged member reports one `error` row and leaves the population (the others go on); any
     other exception propagates so the scheduler can retry the trial from its last checkpoint."""
@@ -155,7 +216,7 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
         log(f"restored from step {members.step}")
     restored_from = members.step if ctx.restore_dir is not None else None
     try:
-        _train_and_evaluate(cfg, ctx, report, members, tasks, device, executor, restored_from)
+        _train_and_evaluate(cfg, ctx, report, members, tasks, device, executor, restored_from, metrics)
     except torch.cuda.OutOfMemoryError as exc:  # not retried: the same trial on the same GPU runs out again
         message = str(exc).strip().splitlines()[0][:300]
         report([_row(cfg, ctx, seed, members.step, "train", "fp32", None, error=f"CUDA out of memory: {message}")
@@ -163,14 +224,28 @@ def run_trial(cfg: TrialConfig, ctx: TrialContext, report: Reporter,
 
 
 def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, members: Any, tasks: list[str],
-                        device: torch.device, executor: str, restored_from: int | None) -> None:
+                        device: torch.device, executor: str, restored_from: int | None,
+                        metrics: MetricsReporter | None = None) -> None:
     start = time.perf_counter()
     latest: dict[int, Evaluation] = {}  # seed -> evaluation of the current weights
+    window = _MetricWindow()
+
+    def log_metrics() -> None:
+        nonlocal window
+        summary = window.summary(list(members.seeds), _learning_rate(members))
+        window = _MetricWindow()
+        if summary is not None and metrics is not None:
+            metrics(members.step, summary)
+
     while members.step < cfg.steps and members.K:
         chunk = min(cfg.eval_every - members.step % cfg.eval_every, cfg.steps - members.step)
-        for _ in range(chunk):
+        for i in range(chunk):
             _inject_faults(cfg, ctx, members.step, members)
-            losses = _update(members)
+            started = time.perf_counter()
+            step_metrics, updated = _update(members)
+            if updated and metrics is not None:
+                window.add(list(members.seeds), step_metrics, time.perf_counter() - started)
+            losses = [m["total"] for m in step_metrics]
             diverged = [k for k, loss in enumerate(losses) if not math.isfinite(loss)]
             if diverged:
                 report([_row(cfg, ctx, members.seeds[k], members.step, "train", "fp32", None,
@@ -178,6 +253,8 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
                 members.keep([k for k in range(members.K) if k not in diverged])
                 if not members.K:
                     return
+            if metrics is not None and members.step % cfg.log_every == 0 and i < chunk - 1:
+                log_metrics()  # at the chunk's last update: after its evaluation (below)
         evaluations = [_evaluate(members.member(k), cfg, tasks, seed) for k, seed in enumerate(members.seeds)]
         latest = dict(zip(members.seeds, evaluations))
         rate = members.step * members.K / (time.perf_counter() - start)
@@ -187,6 +264,8 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
             report([_row(cfg, ctx, seed, members.step, "train", "fp32", evaluation, restored_from=restored_from,
                          updates_per_s=rate, executor=executor, members=members.K, device=device.type)
                     for seed, evaluation in zip(members.seeds, evaluations)], Path(checkpoint_dir))
+        if metrics is not None and (members.step % cfg.log_every == 0 or members.step == cfg.steps):
+            log_metrics()
     if not cfg.quant_modes:
         return
     from agent.quantize import quantize_file

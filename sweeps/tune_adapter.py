@@ -1,10 +1,13 @@
-"""Ray Tune glue: the function trainable that runs `sweeps.trial.run_trial` inside a Tune trial."""
+"""Ray Tune glue: the function trainable that runs `sweeps.trial.run_trial` inside a Tune trial, its
+results (evaluation rows, training curves for TensorBoard), trial names and the progress table."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import tune
@@ -30,11 +33,131 @@ class StreamRows(tune.Callback):
         return {"out": self.out, "stream": None}
 
 
+# -- what a sweep shows while it runs: trial names, the progress table, the reported metrics ----------
+
+CONFIG_FIELD = {"quant": "quant_modes"}  # swept key -> the TrialConfig field that holds it
+SCRATCH_UNUSED = ("teacher_size", "target")  # a d_coef 0 student uses neither
+
+
+def trial_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's settings: the TrialConfig dict under "trial", overridden by sampled values at the top."""
+    values = dict(config.get("trial", {}))
+    values.update({k: v for k, v in config.items() if k != "trial"})
+    return values
+
+
+def seed_range(values: dict[str, Any]) -> str:
+    """The trial's member seeds: '1-5', or '3' for one seed."""
+    first, count = int(values.get("seed") or 0), int(values.get("num_seeds") or 1)
+    return str(first) if count == 1 else f"{first}-{first + count - 1}"
+
+
+def seeds_label(values: dict[str, Any]) -> str:
+    return f"{'seed' if int(values.get('num_seeds') or 1) == 1 else 'seeds'}={seed_range(values)}"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return format(value, ".4g")
+    if isinstance(value, (list, tuple)):
+        return "+".join(_format(v) for v in value)
+    return str(value)
+
+
+class TrialNamer:
+    """Tune's trial_name_creator (`dirname=False`: the name in the progress table and logs) and
+    trial_dirname_creator (`dirname=True`): what the trial is, e.g. `d_coef=0.45,seeds=1-5`; the
+    directory name ends with the trial id, unique within the sweep. `keys`: the swept keys (None:
+    the keys of each trial's own ablation, for the paper grid)."""
+
+    def __init__(self, keys: list[str] | None, dirname: bool = False):
+        self.keys = list(keys) if keys is not None else None
+        self.dirname = dirname
+
+    def label(self, config: dict[str, Any]) -> str:
+        from sweeps.grids import swept_keys
+
+        values = trial_values(config)
+        keys = self.keys if self.keys is not None else swept_keys(str(values.get("ablation", "d_coef")))
+        scratch = values.get("d_coef") == 0
+        parts = [f"{k}={'none' if scratch and k in SCRATCH_UNUSED else _format(values.get(CONFIG_FIELD.get(k, k)))}"
+                 for k in keys]
+        return ",".join(parts + [seeds_label(values)])
+
+    def __call__(self, trial) -> str:
+        name = self.label(trial.config)
+        if not self.dirname:
+            return name
+        return f"{re.sub(r'[^A-Za-z0-9._=,+-]', '_', name)[:150]}_{trial.trial_id}"
+
+
+def progress_reporter(swept: list[str], searched: list[str] = ()):
+    """Tune's console table: one row per trial with the swept parameters, the seeds, the members
+    still training, the update step, the score (members' mean fp32 evaluation) and the training loss."""
+    from ray.tune import CLIReporter
+
+    parameters = {(k if k in searched else f"trial/{CONFIG_FIELD.get(k, k)}"): k for k in swept}
+    metrics = {"seeds": "seeds", "members": "members", "step": "step", "score": "score", "loss": "loss"}
+    return CLIReporter(parameter_columns=parameters, metric_columns=metrics, max_column_length=24, max_progress_rows=60,
+                       max_report_frequency=30, print_intermediate_tables=True)
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+class TuneReporter:
+    """run_trial's two reporters inside a Tune trial, as Tune results (`send` is tune.report).
+
+    Every result carries `score` (Tune's metric for searchers and ASHA: the members' mean fp32
+    score of the latest training evaluation; quantized evaluations at the end carry it on, so a
+    search ranks the student, not its last quantization mode), `step` (also `timesteps_total`,
+    TensorBoard's x axis), `seeds`, `members` and `loss` (the latest logged training loss). Evaluations add `row_json` (the rows, whole) and
+    `eval` (mean and per-task scores, means over members) or `final/<quant>`; training metrics add
+    `train` (losses, grad norm, lr, updates/s; per member under train/seed/<seed>)."""
+
+    def __init__(self, values: dict[str, Any], send: Callable[..., None] | None = None):
+        self.send = send or tune.report
+        self.seeds = seed_range(values)
+        self.members = int(values.get("num_seeds") or 1)
+        self.score = float("nan")
+        self.loss = float("nan")
+
+    def _base(self, step: int) -> dict[str, Any]:
+        return {"score": self.score, "step": step, "timesteps_total": step, "seeds": self.seeds, "members": self.members,
+                "loss": self.loss}
+
+    def rows(self, rows: list[dict[str, Any]], checkpoint_dir: Path | None) -> None:
+        first = rows[0]
+        ok = [r for r in rows if r["score"] is not None]
+        if first["phase"] == "train" and ok:
+            self.score = _mean([r["score"] for r in ok])
+            self.members = int(first.get("members") or len(rows))
+        elif first["phase"] == "train" and first["status"] == "error":
+            self.members = max(0, self.members - len(rows))  # diverged members leave
+        metrics = {**self._base(first["step"]), "phase": first["phase"], "quant": first["quant"],
+                   "row_json": json.dumps(rows)}
+        scores = {"score": _mean([r["score"] for r in ok])} if ok else {}
+        tasks = sorted({t for r in ok for t in (r.get("task_scores") or {})})
+        scores.update({t: _mean([(r.get("task_scores") or {}).get(t) for r in ok]) for t in tasks})
+        if ok and first["phase"] == "train":
+            metrics["eval"] = scores
+        elif ok:
+            metrics[f"final_score_{first['quant']}"] = scores["score"]
+            metrics["final"] = {first["quant"]: scores}
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self.send(metrics, checkpoint=checkpoint)
+
+    def metrics(self, step: int, values: dict[str, Any]) -> None:
+        self.loss = float(values.get("total", float("nan")))
+        self.send({**self._base(step), "phase": "train", "train": values})
+
+
 def trainable(param_space: dict[str, Any]) -> None:
     """Ray function trainable. `param_space["trial"]` is a TrialConfig dict; search spaces put the
     sampled values at the top level of `param_space`, which override it."""
-    values = dict(param_space.get("trial", {}))
-    values.update({k: v for k, v in param_space.items() if k != "trial"})
+    values = trial_values(param_space)
     cfg = TrialConfig.from_dict(values)
     context = tune.get_context()
     restore = tune.get_checkpoint()
@@ -45,21 +168,5 @@ def trainable(param_space: dict[str, Any]) -> None:
         ctx = TrialContext(trial_id=context.get_trial_id(), restore_dir=restore_path,
                            node_id=ray.get_runtime_context().get_node_id())
 
-        train_score = [float("nan")]
-
-        def report(rows: list[dict[str, Any]], checkpoint_dir: Path | None) -> None:
-            # Tune's metric (searchers, ASHA) is the members' mean fp32 score of the latest training
-            # evaluation; quantized evaluations at the end carry it on, so a search ranks the
-            # student, not its last quantization mode. The rows travel whole.
-            scores = [r["score"] for r in rows if r["score"] is not None]
-            if rows[0]["phase"] == "train" and scores:
-                train_score[0] = sum(scores) / len(scores)
-            final_mean = sum(scores) / len(scores) if scores and rows[0]["phase"] == "final" else None
-            metrics = {"score": train_score[0], "step": rows[0]["step"], "phase": rows[0]["phase"],
-                       "quant": rows[0]["quant"], "members": len(rows), "row_json": json.dumps(rows)}
-            if final_mean is not None:
-                metrics[f"final_score_{rows[0]['quant']}"] = final_mean
-            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-            tune.report(metrics, checkpoint=checkpoint)
-
-        run_trial(cfg, ctx, report)
+        reporter = TuneReporter(values)
+        run_trial(cfg, ctx, reporter.rows, metrics=reporter.metrics)

@@ -3,6 +3,7 @@ retries from checkpoints, NaN isolation, and a two-node Ray cluster on this mach
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import shutil
@@ -127,6 +128,7 @@ BAD_SETTINGS: dict[str, list[tuple[str, str]]] = {
     "seed": [("one", "seed must be an integer"), ("-1", "seed must be >= 0")],
     "num_seeds": [("x", "num_seeds must be an integer"), ("0", "num_seeds must be >= 1")],
     "eval_every": [("x", "eval_every must be an integer"), ("0", "eval_every must be >= 1")],
+    "log_every": [("x", "log_every must be an integer"), ("0", "log_every must be >= 1")],
     "eval_episodes": [("x", "eval_episodes must be an integer"), ("0", "eval_episodes must be >= 1")],
     "eval_plan": [("yes", "eval_plan must be true or false"), ("1", "eval_plan must be true or false, got integer 1")],
     "eval_max_steps": [("long", "eval_max_steps must be an integer or null"), ("0", "eval_max_steps must be >= 1")],
@@ -261,6 +263,10 @@ def test_smoke_sweep_writes_results_and_report_then_resumes_without_rerunning(tm
     assert report.exists() and "d_coef" in report.read_text()
     assert str(report) in result.stdout
     trial_dirs = sorted(p.name for p in (out / "ray" / "sweep").iterdir() if p.is_dir())
+    assert {name.rsplit("_", 2)[0] for name in trial_dirs} == {f"d_coef={d},seed=1" for d in
+                                                               ("0", "0.05", "0.1", "0.2", "0.4", "0.45", "0.6", "0.9")}
+    # forced experiment snapshots (CheckpointConfig(num_to_keep=1)) warned here at every evaluation
+    assert "snapshotting" not in result.stderr
 
     again = _run("--grid", "d_coef", "--preset", "smoke", "--out", str(out), "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -382,3 +388,330 @@ def test_optuna_search_with_asha_runs_the_declared_space(tmp_path):
     assert len({r["config"]["d_coef"] for r in rows}) == 3  # sampled, not the grid
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["grid"] == "search" and meta["swept"] == ["d_coef", "batch_size", "lr"]
+
+
+# -- issue 17 item 2: a readable progress table, trial directories named after what they are, no
+#    experiment-snapshot warnings
+
+def _stub_trial(config: dict, namer=None):
+    from ray.tune.experiment import Trial
+
+    return Trial("trainable", config=config, stub=True, trial_name_creator=namer)
+
+
+def test_trials_and_their_directories_are_named_after_their_setting_and_seeds():
+    from sweeps.config import preset_config
+    from sweeps.tune_adapter import TrialNamer
+
+    base = preset_config("smoke").with_overrides({"num_seeds": 5}).to_dict()
+    grid = TrialNamer(["d_coef"])
+    assert grid.label({"trial": {**base, "d_coef": 0.45}}) == "d_coef=0.45,seeds=1-5"
+    assert grid.label({"trial": {**base, "d_coef": 0.45, "num_seeds": 1, "seed": 3}}) == "d_coef=0.45,seed=3"
+    crossed = TrialNamer(["d_coef", "teacher_size"])
+    assert crossed.label({"trial": {**base, "d_coef": 0.4, "teacher_size": "small"}}) == \
+        "d_coef=0.4,teacher_size=small,seeds=1-5"
+    assert crossed.label({"trial": {**base, "d_coef": 0.0}}) == "d_coef=0,teacher_size=none,seeds=1-5"  # scratch
+    paper = TrialNamer(None)  # the paper grid: each trial's own ablation
+    assert paper.label({"trial": {**base, "ablation": "batch_size", "batch_size": 1024}}) == "batch_size=1024,seeds=1-5"
+    assert paper.label({"trial": {**base, "ablation": "quant", "quant_modes": ["fp32", "int8"]}}) == \
+        "quant=fp32+int8,seeds=1-5"
+    search = TrialNamer(["d_coef", "batch_size", "lr"])  # sampled values sit at the top of the config
+    assert search.label({"trial": base, "d_coef": 0.123456, "batch_size": 512, "lr": 0.00031}) == \
+        "d_coef=0.1235,batch_size=512,lr=0.00031,seeds=1-5"
+
+    trial = _stub_trial({"trial": {**base, "d_coef": 0.45}}, grid)
+    assert str(trial) == "d_coef=0.45,seeds=1-5"  # the table's and the logs' trial name
+    assert TrialNamer(["d_coef"], dirname=True)(trial) == f"d_coef=0.45,seeds=1-5_{trial.trial_id}"
+    odd = TrialNamer(["teacher_size"], dirname=True)(_stub_trial({"trial": {**base, "teacher_size": "a/../b c"}}))
+    assert odd.startswith("teacher_size=a_.._b_c,seeds=1-5_")
+
+
+def test_progress_table_shows_swept_parameters_seeds_step_and_score():
+    from ray.tune.progress_reporter import _trial_progress_table
+
+    from sweeps.config import preset_config
+    from sweeps.tune_adapter import TrialNamer, progress_reporter
+
+    base = preset_config("smoke").with_overrides({"num_seeds": 5}).to_dict()
+    trial = _stub_trial({"trial": {**base, "d_coef": 0.45, "teacher_size": "small"}}, TrialNamer(["d_coef", "teacher_size"]))
+    trial.update_last_result({"score": 3.21, "step": 500, "seeds": "1-5", "members": 4, "loss": 1.5,
+                              "row_json": json.dumps([{"config": base}] * 5)})
+    reporter = progress_reporter(["d_coef", "teacher_size"])
+    lines = _trial_progress_table([trial], metric_columns=reporter._metric_columns,
+                                  parameter_columns=reporter._parameter_columns,
+                                  max_column_length=reporter._max_column_length)
+    lines = "\n".join(lines).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    assert cells[0] == ["Trial name", "status", "loc", "d_coef", "teacher_size", "seeds", "members", "step", "score",
+                        "loss"]
+    assert cells[1][0] == "d_coef=0.45,teacher_size=small,seeds=1-5"
+    assert cells[1][3:] == ["0.45", "small", "1-5", "4", "500", "3.21", "1.5"]
+    assert "{" not in "\n".join(lines)  # no config dict, no rows
+    searched = progress_reporter(["d_coef", "lr"], searched=["d_coef", "lr"])
+    assert searched._parameter_columns == {"d_coef": "d_coef", "lr": "lr"}  # sampled: top level of the config
+
+
+def test_sweep_tuner_uses_the_table_and_names_and_forces_no_experiment_snapshots(sweeps_run, tmp_path):
+    """Tune forces an experiment snapshot (and warns "Experiment state snapshotting has been triggered
+    multiple times") whenever a trial has checkpointed CheckpointConfig.num_to_keep times since the
+    last snapshot: with num_to_keep=1 at every evaluation of every trial."""
+    from ray import tune
+    from ray.tune import CLIReporter
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from sweeps.tune_adapter import StreamRows, TrialNamer
+
+    for extra in ([], ["--search", "optuna"], ["--grid", "paper"]):
+        args = sweeps_run.build_parser().parse_args(["--preset", "smoke", "--out", str(tmp_path / "out"), *extra])
+        base, overrides = sweeps_run.validate_args(args)
+        configs = sweeps_run.trial_configs(args, base, {"large": "t.pt", "small": "s.pt"}, "large", overrides)
+        tuner = sweeps_run._new_tuner(args, tune.with_resources(lambda config: None, {"cpu": 1}), configs, base,
+                                      str(tmp_path / "out" / "ray"), tmp_path / "out")
+        run_config, tune_config = tuner._local_tuner._run_config, tuner._local_tuner._tune_config
+        assert isinstance(run_config.progress_reporter, CLIReporter)
+        assert isinstance(tune_config.trial_name_creator, TrialNamer)
+        assert isinstance(tune_config.trial_dirname_creator, TrialNamer) and tune_config.trial_dirname_creator.dirname
+        assert [type(c) for c in run_config.callbacks] == [StreamRows]
+        manager = _ExperimentCheckpointManager(storage=None, checkpoint_period="auto",
+                                               sync_every_n_trial_checkpoints=run_config.checkpoint_config.num_to_keep)
+        for _ in range(4):
+            manager.on_trial_checkpoint("a trial")
+        assert not manager._should_force_sync_up
+
+
+# -- issue 17 item 3: training curves and per-task scores in Tune's results (and so TensorBoard), opt-in W&B
+
+def _event_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TensorBoard event files under `directory`: tag -> [(step, value)]."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.rglob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):  # TFRecord: length (8), its crc (4), data, data crc (4)
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def _eval_row(seed: int, step: int, phase: str, quant: str, task_scores: dict) -> dict:
+    return {"trial_id": "t", "status": "ok", "config": {"seed": seed}, "step": step, "phase": phase, "quant": quant,
+            "score": sum(task_scores.values()) / len(task_scores), "task_scores": task_scores, "members": 2}
+
+
+def test_tune_results_carry_training_curves_and_per_task_scores_to_tensorboard(tmp_path):
+    from ray.tune.logger import TBXLoggerCallback
+
+    from sweeps.tune_adapter import TuneReporter
+
+    sent = []
+    reporter = TuneReporter({"seed": 1, "num_seeds": 2}, send=lambda metrics, checkpoint=None: sent.append((metrics, checkpoint)))
+    train = {"consistency": 0.5, "reward": 0.2, "value": 0.3, "pi_loss": -1.0, "distill": 0.1, "total": 12.0,
+             "grad_norm": 4.0, "lr": 3e-4, "updates_per_s": 50.0, "seed": {"1": {"total": 11.0}, "2": {"total": 13.0}}}
+    reporter.metrics(10, train)
+    rows = [_eval_row(1, 20, "train", "fp32", {"cup-catch": 1.0, "walker-stand": 3.0}),
+            _eval_row(2, 20, "train", "fp32", {"cup-catch": 3.0, "walker-stand": 5.0})]
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    reporter.rows(rows, checkpoint)
+    reporter.metrics(20, {**train, "total": 10.0})
+    reporter.rows([_eval_row(1, 20, "final", "fp16", {"cup-catch": 0.0, "walker-stand": 2.0}),
+                   _eval_row(2, 20, "final", "fp16", {"cup-catch": 2.0, "walker-stand": 2.0})], None)
+
+    results = [metrics for metrics, _ in sent]
+    assert math.isnan(results[0]["score"]) and "row_json" not in results[0]  # no evaluation yet
+    assert [r["step"] for r in results] == [r["timesteps_total"] for r in results] == [10, 20, 20, 20]
+    assert all(r["seeds"] == "1-2" for r in results)
+    assert results[1]["eval"] == {"score": 3.0, "cup-catch": 2.0, "walker-stand": 4.0} and results[1]["score"] == 3.0
+    assert json.loads(results[1]["row_json"]) == rows and sent[1][1] is not None  # rows whole, with the checkpoint
+    assert results[2]["score"] == 3.0 and results[2]["train"]["total"] == 10.0  # the train score carries on
+    assert [r["loss"] for r in results] == [12.0, 12.0, 10.0, 10.0]  # the table's loss column: the latest logged
+    assert results[3]["final"] == {"fp16": {"score": 1.5, "cup-catch": 1.0, "walker-stand": 2.0}}
+    assert results[3]["final_score_fp16"] == 1.5 and results[3]["score"] == 3.0  # searchers rank the fp32 student
+
+    class Trial:  # what Tune's TensorBoard logger needs of a trial
+        local_path, evaluated_params = str(tmp_path / "trial"), {}
+
+        def init_local_path(self):
+            Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+    logger, trial = TBXLoggerCallback(), Trial()
+    for iteration, result in enumerate(results, 1):
+        logger.log_trial_result(iteration, trial, {**result, "training_iteration": iteration})
+    logger.log_trial_end(trial)
+    scalars = _event_scalars(tmp_path / "trial")
+    for key in ("consistency", "reward", "value", "pi_loss", "distill", "total", "grad_norm", "lr", "updates_per_s"):
+        assert [step for step, _ in scalars[f"ray/tune/train/{key}"]] == [10, 20], key
+    assert scalars["ray/tune/train/total"] == [(10, 12.0), (20, 10.0)]
+    assert scalars["ray/tune/train/seed/2/total"][0] == (10, 13.0)  # each member's own curve
+    assert scalars["ray/tune/eval/score"] == [(20, 3.0)] and scalars["ray/tune/eval/walker-stand"] == [(20, 4.0)]
+    assert scalars["ray/tune/final/fp16/cup-catch"] == [(20, 1.0)]
+
+
+def test_wandb_is_ray_tunes_own_callback_and_refused_in_one_line_without_the_package(sweeps_run, capsys, monkeypatch,
+                                                                                       tmp_path):
+    monkeypatch.setattr(sweeps_run, "wandb_installed", lambda: False)
+    line = _refusal(sweeps_run, capsys, tmp_path, "--wandb", "my-project")
+    assert "--wandb my-project: the wandb package is not installed" in line
+
+    import ray.air.integrations.wandb as tune_wandb
+
+    monkeypatch.setattr(tune_wandb, "wandb", object())  # stands in for the package; nothing is sent
+    args = sweeps_run.build_parser().parse_args(["--preset", "smoke", "--wandb", "my-project", "--out", str(tmp_path / "o")])
+    callbacks = sweeps_run.run_callbacks(args, tmp_path / "o")
+    assert type(callbacks[1]) is tune_wandb.WandbLoggerCallback
+    assert callbacks[1].project == "my-project" and callbacks[1].group == "o" and "row_json" in callbacks[1].excludes
+    args = sweeps_run.build_parser().parse_args(["--preset", "smoke", "--out", str(tmp_path / "o")])
+    assert len(sweeps_run.run_callbacks(args, tmp_path / "o")) == 1  # opt-in
+
+
+# -- issue 17 item 5: --resume says what it does
+
+def _recorded_sweep(sweeps_run, out: Path, *args: str, restorable: bool = True) -> None:
+    """OUT as a sweep started with `args` leaves it: sweep.json (what run_sweep records) and Tune's state."""
+    from sweeps.results import write_sweep_meta
+
+    parsed = sweeps_run.build_parser().parse_args(["--out", str(out), *args])
+    base, _ = sweeps_run.validate_args(parsed)
+    write_sweep_meta(out, {**sweeps_run.sweep_identity(parsed, base), "grid": "whatever", "created": "then"})
+    if restorable:
+        (out / "ray" / "sweep").mkdir(parents=True)
+        (out / "ray" / "sweep" / sweeps_run.TUNER_STATE).write_bytes(b"")
+
+
+def test_resume_with_nothing_to_resume_is_refused_in_one_line(sweeps_run, capsys, tmp_path):
+    line = _refusal(sweeps_run, capsys, tmp_path, "--resume")
+    assert f"nothing to resume at {tmp_path / 'out'}" in line
+    started = tmp_path / "started"  # sweep.json written, the fit never began
+    _recorded_sweep(sweeps_run, started, "--preset", "smoke", restorable=False)
+    line = _refusal(sweeps_run, capsys, tmp_path, "--resume", "--out", str(started))
+    assert f"nothing to resume at {started}" in line
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--grid", "batch_size"], "--grid batch_size here, --grid d_coef in the sweep being resumed"),
+    (["--grid", "d_coef=0,0.2"], "--grid d_coef=0,0.2 here, --grid d_coef in the sweep being resumed"),
+    (["--grid", "d_coef", "--grid", "teacher_size"], "--grid d_coef --grid teacher_size here, --grid d_coef in"),
+    (["--set", "d_coef=0.3"], "--set d_coef=0.3 here, d_coef=0.45 in the sweep being resumed"),
+    (["--set", "train.horizon=5"], "--set train.horizon=5 here, no train.horizon in the sweep being resumed"),
+    (["--seeds", "2"], "--seeds 2 here, --seeds 1 in the sweep being resumed"),
+    (["--preset", "quick"], "--preset quick here, --preset smoke in the sweep being resumed"),
+    (["--search", "optuna"], "--search optuna here, --search grid in the sweep being resumed"),
+])
+def test_resume_with_other_arguments_is_refused_naming_the_difference(sweeps_run, capsys, tmp_path, args, fragment):
+    out = tmp_path / "sweep"
+    _recorded_sweep(sweeps_run, out, "--preset", "smoke", "--grid", "d_coef")
+    line = _refusal(sweeps_run, capsys, tmp_path, "--resume", "--out", str(out), *args)  # a later --preset wins
+    assert f"--resume at {out}: {fragment}" in line, line
+
+
+def test_resume_with_the_sweeps_own_arguments_passes_the_checks(sweeps_run, tmp_path):
+    out = tmp_path / "sweep"
+    own = ["--preset", "smoke", "--grid", "d_coef=0,0.4", "--grid", "teacher_size", "--set", "train.horizon=2",
+           "--seeds", "2"]
+    _recorded_sweep(sweeps_run, out, *own)
+    from ray import tune
+
+    assert tune.Tuner.can_restore(str(out / "ray" / "sweep"))  # what the check looks for is what Tune restores from
+    args = sweeps_run.build_parser().parse_args(["--out", str(out), "--resume", *own])
+    sweeps_run.validate_args(args)
+
+
+# -- issue 17 item 9: grids the user writes, and crossed grids
+
+def _configs(sweeps_run, tmp_path, *args: str) -> list[dict]:
+    parsed = sweeps_run.build_parser().parse_args(["--preset", "smoke", "--out", str(tmp_path / "out"), *args])
+    base, overrides = sweeps_run.validate_args(parsed)
+    return sweeps_run.trial_configs(parsed, base, {"small": "s.pt", "large": "l.pt"}, "large", overrides)
+
+
+def test_user_grid_values_are_typed_as_the_setting(sweeps_run, tmp_path):
+    configs = _configs(sweeps_run, tmp_path, "--grid", "d_coef=0,0.2,0.4")
+    assert [c["d_coef"] for c in configs] == [0.0, 0.2, 0.4] and all(type(c["d_coef"]) is float for c in configs)
+    assert [c["batch_size"] for c in _configs(sweeps_run, tmp_path, "--grid", "batch_size=16,32")] == [16, 32]
+    steps = _configs(sweeps_run, tmp_path, "--grid", "steps=20,40")
+    assert [(c["steps"], c["eval_every"]) for c in steps] == [(20, 20), (40, 30)]
+    teachers = _configs(sweeps_run, tmp_path, "--grid", "teacher_size=small")  # labels stay strings; scratch partner
+    assert [(c["teacher_size"], c["teacher"], c["d_coef"]) for c in teachers] == [("small", "s.pt", 0.45),
+                                                                                 ("large", "l.pt", 0.0)]
+    quant = _configs(sweeps_run, tmp_path, "--grid", "quant=fp32,int8")
+    assert [c["quant_modes"] for c in quant] == [["fp32", "int8"]]
+
+
+def test_crossed_grids_run_the_product_with_one_scratch_partner(sweeps_run, tmp_path):
+    from sweeps.grids import parse_grids, specs_swept_keys
+
+    configs = _configs(sweeps_run, tmp_path, "--grid", "d_coef", "--grid", "teacher_size")
+    points = [(c["d_coef"], c["teacher_size"]) for c in configs]
+    assert points[0] == (0.0, "large")  # the scratch student once: it uses no teacher
+    assert sorted(points[1:]) == sorted((d, t) for d in (0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9) for t in ("small", "large"))
+    assert all(c["ablation"] == "d_coef x teacher_size" for c in configs)
+    assert specs_swept_keys(parse_grids(["d_coef", "teacher_size"])) == ["d_coef", "teacher_size"]
+
+    configs = _configs(sweeps_run, tmp_path, "--grid", "teacher_size", "--grid", "batch_size=16,32")
+    assert sorted((c["d_coef"], c["teacher_size"] if c["d_coef"] else "-", c["batch_size"]) for c in configs) == \
+        sorted([(0.45, t, b) for t in ("small", "large") for b in (16, 32)] + [(0.0, "-", 16), (0.0, "-", 32)])
+    # the user's d_coef values without 0: the teacher grid's scratch partner is kept
+    configs = _configs(sweeps_run, tmp_path, "--grid", "d_coef=0.2", "--grid", "teacher_size")
+    assert sorted((c["d_coef"], c["teacher_size"]) for c in configs) == [(0.0, "large"), (0.2, "large"), (0.2, "small")]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--grid", "d_coef=abc"], '--grid d_coef=abc: d_coef must be a number, got string "abc"'),
+    (["--grid", "d_coef=0,-1"], "--grid d_coef=0,-1: d_coef must be >= 0, got -1.0"),
+    (["--grid", "steps=2.5"], "--grid steps=2.5: steps must be an integer, got number 2.5"),
+    (["--grid", "batch_size=0"], "--grid batch_size=0: batch_size must be >= 1"),
+    (["--grid", "d_coef="], "--grid d_coef=: give comma-separated values"),
+    (["--grid", "d_coef=0.2,0.2"], "value 0.2 given twice"),
+    (["--grid", "warp=1,2"], "--grid warp=1,2: cannot give values for 'warp'"),
+    (["--grid", "quant=fp7"], "unknown quantization mode 'fp7'"),
+    (["--grid", "target=telepathy"], "unknown distillation target 'telepathy'"),
+    (["--grid", "teacher_size=huge"], "--grid teacher_size=huge: no teacher labelled 'huge'"),
+    (["--grid", "d_coef", "--grid", "d_coef=0.3"], "--grid d_coef given twice"),
+    (["--grid", "paper", "--grid", "d_coef"], "cannot be crossed"),
+])
+def test_bad_user_grids_are_refused_in_one_line(sweeps_run, capsys, tmp_path, args, fragment):
+    assert fragment in _refusal(sweeps_run, capsys, tmp_path, *args)
+
+
+@pytest.mark.slow
+def test_crossed_user_grid_sweep_shows_its_table_names_its_trials_and_logs_curves(tmp_path):
+    out = tmp_path / "crossed"
+    result = _run("--grid", "d_coef=0,0.4", "--grid", "teacher_size", "--preset", "smoke", "--seeds", "2",
+                  "--out", str(out), "--set", 'quant_modes=["fp32"]')
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["swept"] == ["d_coef", "teacher_size"] and meta["grids"] == ["d_coef=0,0.4", "teacher_size"]
+    assert meta["grid"] == "d_coef=0,0.4 x teacher_size" and meta["trials"] == 3
+    rows = _rows(out)
+    assert {(r["config"]["d_coef"], r["config"]["teacher_size"]) for r in rows} == {(0.0, "large"), (0.4, "small"),
+                                                                                     (0.4, "large")}
+    assert {r["config"]["seed"] for r in rows} == {1, 2}
+    # the progress table: the swept values, seeds, step and score as columns; no config dicts
+    header = [line for line in result.stdout.splitlines() if line.startswith("| Trial name")][-1]  # the last table
+    assert [c.strip() for c in header.strip("|").split("|")][3:] == ["d_coef", "teacher_size", "seeds", "members", "step",
+                                                                    "score", "loss"]
+    output = result.stdout + result.stderr
+    assert "snapshotting" not in output and "ignoring passed-in ProgressReporter" not in output
+    dirs = {p.name.rsplit("_", 2)[0]: p for p in (out / "ray" / "sweep").iterdir() if p.is_dir()}
+    assert set(dirs) == {"d_coef=0,teacher_size=none,seeds=1-2", "d_coef=0.4,teacher_size=small,seeds=1-2",
+                         "d_coef=0.4,teacher_size=large,seeds=1-2"}
+    tasks = meta["tasks"]
+    for path in dirs.values():  # `tensorboard --logdir OUT` reads these
+        scalars = _event_scalars(path)
+        for key in ("consistency", "reward", "value", "pi_loss", "distill", "grad_norm", "lr", "updates_per_s"):
+            assert [step for step, _ in scalars[f"ray/tune/train/{key}"]] == [10, 20, 30, 40, 50, 60], key
+        assert [step for step, _ in scalars["ray/tune/eval/score"]] == [30, 60]
+        assert all(f"ray/tune/eval/{task}" in scalars for task in tasks)
+
+    again = _run("--grid", "d_coef", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--resume", timeout=120)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"error: --resume at {out}: --grid d_coef here, --grid d_coef=0,0.4 --grid teacher_size in the sweep being "
+        "resumed; resume with the sweep's own arguments, or start a new sweep in another --out"]

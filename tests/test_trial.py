@@ -213,3 +213,55 @@ def test_every_agent_training_setting_can_be_set_from_the_trial():
             preset_config("quick").with_overrides(bad).validate()
     listing = list_settings("quick")
     assert "  train.loss.rho = 0.5" in listing and "  num_seeds = 5" in listing and "train.lr" not in listing
+
+
+class Events:
+    """Both reporters of a trial, in the order they were called: ("rows", step) / ("metrics", step, metrics)."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def rows(self, rows, checkpoint_dir):
+        self.events.append(("rows", rows[0]["step"], rows))
+
+    def metrics(self, step, metrics):
+        self.events.append(("metrics", step, metrics))
+
+    def logged(self):
+        return [e for e in self.events if e[0] == "metrics"]
+
+
+def test_training_metrics_are_reported_every_log_every_updates_averaged_over_members(smoke_inputs):
+    quick = preset_config("quick")
+    assert 10 <= quick.steps // quick.log_every <= 40  # a learning curve of ~20 points by default
+    events = Events()
+    cfg = _config(smoke_inputs, num_seeds=2, log_every=5)
+    run_trial(cfg, TrialContext("m1"), events.rows, metrics=events.metrics)
+    assert [e[1] for e in events.logged()] == [5, 10, 15, 20]
+    # at an evaluation step the evaluation is reported first (a scheduler reading the score sees it)
+    order = [(e[0], e[1]) for e in events.events
+             if e[1] in (10, 20) and not (e[0] == "rows" and e[2][0]["phase"] == "final")]
+    assert order == [("rows", 10), ("metrics", 10), ("rows", 20), ("metrics", 20)]
+    for _, _, metrics in events.logged():
+        for key in ("consistency", "reward", "value", "distill", "pi_loss", "total", "grad_norm", "updates_per_s"):
+            assert math.isfinite(metrics[key]), key
+        assert metrics["lr"] == cfg.lr and metrics["distill"] > 0  # d_coef 0.45: the teacher term trains
+        assert sorted(metrics["seed"]) == ["1", "2"]
+        assert metrics["total"] == pytest.approx((metrics["seed"]["1"]["total"] + metrics["seed"]["2"]["total"]) / 2)
+        assert metrics["member_updates_per_s"] == pytest.approx(2 * metrics["updates_per_s"])
+    # the rows are those of a trial without the metrics reporter (the seam is optional)
+    plain = Collect()
+    run_trial(cfg, TrialContext("m2"), plain)
+    with_metrics = [r for e in events.events if e[0] == "rows" for r in e[2]]
+    assert [(r["step"], r["config"]["seed"], r["score"]) for r in with_metrics] == \
+        [(r["step"], r["config"]["seed"], r["score"]) for r in plain.rows]
+
+
+def test_training_metrics_leave_out_a_diverged_member(smoke_inputs):
+    events = Events()
+    run_trial(_config(smoke_inputs, fault_nan_at_step=12, fault_nan_seed=2, log_every=5), TrialContext("m3"),
+              events.rows, metrics=events.metrics)
+    logged = {step: metrics for _, step, metrics in events.logged()}
+    assert sorted(logged) == [5, 10, 15, 20]
+    assert sorted(logged[10]["seed"]) == ["1", "2", "3"] and sorted(logged[15]["seed"]) == ["1", "3"]
+    assert all(math.isfinite(m["total"]) for m in logged.values())

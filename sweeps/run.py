@@ -27,6 +27,7 @@ os.environ.setdefault("MUJOCO_GL", "disable")
 
 from agent.errors import ConfigError, DistillError  # noqa: E402
 from sweeps.config import PRESETS, TRIAL_OWNED, TrialConfig, check_setting_type, parse_override, preset_config  # noqa: E402
+from sweeps.space import DEFAULT_SPACE, corner_points, parse_space  # noqa: E402
 from sweeps.grids import (GRID_KEYS, GRID_NAMES, GridSpec, check_grid_values, cross_points, describe_grids,  # noqa: E402
                           parse_grids, specs_swept_keys)
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=["grid", "optuna"], default="grid",
                    help="grid: the named grid; optuna: Optuna TPE over d_coef, batch size and lr with ASHA stopping")
     p.add_argument("--num-samples", type=int, default=8, help="trials of an optuna search (default 8)")
+    p.add_argument("--space", action="append", default=None, metavar="KEY=KIND:ARGS",
+                   help="a searched setting of --search optuna, e.g. d_coef=uniform:0:1, lr=loguniform:1e-4:1e-3, "
+                        "batch_size=choice:128,256 (repeatable; default: d_coef, batch_size and lr)"),
     p.add_argument("--out", default=None, help="result directory, local or s3:// / gs:// (default runs/<grid>-<preset>)")
     p.add_argument("--teacher", action="append", default=[], metavar="[LABEL=]PATH",
                    help="teacher checkpoint (any TD-MPC2 layout); LABEL=PATH names teachers for the teacher_size grid")
@@ -79,6 +83,10 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]]:
     """Everything that can be checked before Ray starts. Returns the base config and overrides."""
+    if args.space and args.search != "optuna":
+        raise UsageError("--space sets the searched settings of --search optuna; add --search optuna")
+    if args.search == "optuna":
+        parse_space(args.space)  # ConfigError names the bad --space item
     from agent.tasksets import task_spec
 
     specs = grid_specs(args)
@@ -182,7 +190,8 @@ def _read_sweep_meta(out: str) -> dict[str, Any] | None:
 def sweep_identity(args: argparse.Namespace, base: TrialConfig) -> dict[str, Any]:
     """What makes a sweep the sweep it is (recorded in sweep.json; --resume must match it)."""
     return {"preset": args.preset, "search": args.search, "grids": [str(s) for s in grid_specs(args)],
-            "seeds": args.seeds or base.num_seeds, "base_config": base.to_dict()}
+            "seeds": args.seeds or base.num_seeds, "base_config": base.to_dict(),
+            "space": list(args.space or DEFAULT_SPACE) if args.search == "optuna" else None}
 
 
 def _flat_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +293,6 @@ def preflight(args: argparse.Namespace, base: TrialConfig, overrides: dict[str, 
     will build from its settings (sweeps.preflight.check_trial); nothing is written."""
     from dataclasses import replace
 
-    from sweeps.grids import BATCH_SIZES
     from sweeps.preflight import check_trial, describe_point, memory_limit, plan_inputs
 
     plan = plan_inputs(args.preset, args.teacher, args.data)
@@ -299,8 +307,7 @@ def preflight(args: argparse.Namespace, base: TrialConfig, overrides: dict[str, 
     check_trial(resolved(replace(base, num_seeds=args.seeds or base.num_seeds)), plan, memory)
     configs = [TrialConfig.from_dict(c) for c in trial_configs(args, base, inputs.teachers, inputs.default_teacher, overrides)]
     if args.search == "optuna":  # the corners of the searched space (sweeps/run.py _new_tuner)
-        configs = [replace(configs[0], d_coef=d_coef, batch_size=max(BATCH_SIZES), lr=lr)
-                   for d_coef in (0.0, 1.0) for lr in (1e-4, 1e-3)]
+        configs = [replace(configs[0], **corner) for corner in corner_points(parse_space(args.space))]
     for cfg in configs:
         try:
             check_trial(resolved(cfg), plan, memory)
@@ -365,7 +372,7 @@ def run_sweep(args: argparse.Namespace) -> Path:
             **sweep_identity(args, base),
             "name": f"{describe_grids(specs)}-{args.preset}",
             "grid": describe_grids(specs) if args.search == "grid" else "search",
-            "swept": specs_swept_keys(specs) if args.search == "grid" else ["d_coef", "batch_size", "lr"],
+            "swept": specs_swept_keys(specs) if args.search == "grid" else [d.key for d in parse_space(args.space)],
             "tasks": base.eval_tasks or store_tasks,
             "task_set": "mt30" if len(store_tasks) == 30 else ("mt-mini" if args.preset == "quick" else args.preset),
             "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -438,7 +445,7 @@ def _new_tuner(args, fn, configs, base: TrialConfig, storage_path: str, local_ou
 
     from sweeps.tune_adapter import TrialNamer, progress_reporter
 
-    searched = ["d_coef", "batch_size", "lr"] if args.search == "optuna" else []
+    searched = [d.key for d in parse_space(args.space)] if args.search == "optuna" else []
     swept = searched or specs_swept_keys(grid_specs(args))
     name_keys = None if args.search == "grid" and grid_specs(args)[0].key == "paper" else swept
     # CheckpointConfig(num_to_keep=None): with num_to_keep set, Tune forces an experiment snapshot
@@ -454,8 +461,7 @@ def _new_tuner(args, fn, configs, base: TrialConfig, storage_path: str, local_ou
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
 
-        space = {"trial": configs[0], "d_coef": tune.uniform(0.0, 1.0),
-                 "batch_size": tune.choice([128, 256, 512, 1024]), "lr": tune.loguniform(1e-4, 1e-3)}
+        space = {"trial": configs[0], **{d.key: d.tune() for d in parse_space(args.space)}}
         tune_config = tune.TuneConfig(metric="score", mode="max", search_alg=OptunaSearch(seed=base.seed),
                                       scheduler=ASHAScheduler(time_attr="step", max_t=base.steps, grace_period=base.eval_every),
                                       num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None,

@@ -715,3 +715,38 @@ def test_crossed_user_grid_sweep_shows_its_table_names_its_trials_and_logs_curve
     assert again.stderr.strip().splitlines() == [
         f"error: --resume at {out}: --grid d_coef here, --grid d_coef=0,0.4 --grid teacher_size in the sweep being "
         "resumed; resume with the sweep's own arguments, or start a new sweep in another --out"]
+
+
+def test_search_space_is_the_users_and_is_checked_in_one_line():
+    from agent.errors import ConfigError
+    from sweeps.space import DEFAULT_SPACE, corner_points, parse_space
+
+    dims = parse_space(["d_coef=uniform:0:0.9", "batch_size=choice:128,512", "steps=randint:100:400"])
+    assert [(d.key, d.kind, d.values) for d in dims] == [("d_coef", "uniform", (0.0, 0.9)),
+                                                         ("batch_size", "choice", (128, 512)),
+                                                         ("steps", "randint", (100, 400))]
+    assert len(corner_points(dims)) == 8 and {"d_coef": 0.9, "batch_size": 512, "steps": 399} in corner_points(dims)
+    assert [d.key for d in parse_space(None)] == [item.split("=")[0] for item in DEFAULT_SPACE]
+    for bad, fragment in (("d_coef=normal:0:1", "KIND one of"), ("warp=uniform:0:1", "unknown setting 'warp'"),
+                          ("lr=loguniform:0:1e-3", "LOW > 0"), ("d_coef=uniform:1:0", "LOW < HIGH"),
+                          ("batch_size=choice:128,abc", "batch_size must be"), ("d_coef=uniform:-1:1", "d_coef")):
+        with pytest.raises(ConfigError, match=fragment):
+            parse_space([bad])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_space(["lr=loguniform:1e-4:1e-3", "lr=uniform:1e-4:1e-3"])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--space", "d_coef=uniform:0:1"], "add --search optuna"),
+    (["--search", "optuna", "--space", "d_coef=gauss:0:1"], "KIND one of"),
+])
+def test_bad_search_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch, args, fragment):
+    import ray
+
+    from sweeps import run
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray started")))
+    assert run.main(["--preset", "smoke", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+    assert not (tmp_path / "out").exists()

@@ -159,7 +159,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   student_dims=dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2),
                   eval_planner=dict(iterations=2, num_samples=32, num_elites=4, num_pi_trajs=4),
                   quant_modes=["fp32", "fp16"]),
-    "quick": dict(preset="quick"),  # completed from agent.benchmarks.mt_mini.QUICK_DEFAULTS when present
+    "quick": dict(preset="quick"),  # completed from agent.mt_mini.benchmark.QUICK_DEFAULTS when present
     "paper": dict(preset="paper", student_size=1, student_dims={}, steps=200_000, batch_size=256, eval_every=50_000,
                   log_every=1000,
                   eval_episodes=10, eval_planner={}, quant_modes=["fp32", "fp16"]),
@@ -177,7 +177,7 @@ def preset_config(name: str) -> TrialConfig:
 
 def _quick_defaults() -> dict[str, Any]:
     try:
-        from agent.benchmarks.mt_mini import QUICK_DEFAULTS
+        from agent.mt_mini.benchmark import QUICK_DEFAULTS
     except ImportError:
         return {}
     known = {f.name for f in fields(TrialConfig)}

@@ -77,9 +77,9 @@ def _smoke_inputs(setup_dir: Path) -> Inputs:
 
 def _quick_inputs(data: str | None) -> Inputs:
     try:
-        from agent.benchmarks import mt_mini
+        from agent.mt_mini import benchmark as mt_mini
     except ImportError as exc:
-        raise ConfigError(f"the quick preset needs the MT-mini benchmark (agent.benchmarks.mt_mini): {exc}") from None
+        raise ConfigError(f"the quick preset needs the MT-mini benchmark (agent.mt_mini.benchmark): {exc}") from None
     teachers = {size: str(mt_mini.teacher_path(size)) for size in ("small", "large")}
     return Inputs(teachers, data or str(mt_mini.ensure_dataset()), "large")
 

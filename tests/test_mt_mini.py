@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent.benchmarks import mt_mini
-from agent.benchmarks.recipe import RecipeConfig, TeacherRecipe, build, stage_names, store_sha256
+from agent.mt_mini import benchmark as mt_mini
+from agent.mt_mini.recipe import RecipeConfig, TeacherRecipe, build, stage_names, store_sha256
 from agent.checkpoint import load_world_model
 from agent.data import EpisodeStore
 from agent.errors import ConfigError
@@ -134,7 +134,7 @@ def test_ensure_dataset_copies_the_pooled_replay_once_and_checks_it(tiny_build: 
 
 
 def test_dataset_cache_root_follows_env(monkeypatch, tmp_path: Path):
-    from agent.benchmarks.dataset import default_cache_root
+    from agent.mt_mini.dataset import default_cache_root
 
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     assert default_cache_root() == tmp_path / "mt-mini"

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from agent.benchmarks.online import OnlineRun, OnlineRunSpec
-from agent.benchmarks.stages import StageLog, StageRecord, current_command
+from agent.mt_mini.online_run import OnlineRun, OnlineRunSpec
+from agent.mt_mini.stages import StageLog, StageRecord, current_command
 from agent.checkpoint import load_world_model, save_world_model
 from agent.config import DistillConfig, TrainConfig, model_config
 from agent.tasksets import MT30_ACTION_DIM, MT30_OBS_DIM
@@ -184,7 +184,7 @@ def pool_stage(cfg: RecipeConfig, work: Path, log: Log) -> dict[str, Any]:
     per_task: dict[str, float] = {}
     with EpisodeStoreWriter(out, tasks=list(cfg.tasks), task_set="mt-mini", obs_dim=MT30_OBS_DIM,
                             action_dim=MT30_ACTION_DIM, episode_length=cfg.episode_steps + 1, mode="overwrite",
-                            source="agent.benchmarks.recipe:pool", info={"tasks": list(cfg.tasks)}) as writer:
+                            source="agent.mt_mini.recipe:pool", info={"tasks": list(cfg.tasks)}) as writer:
         for task_id, task in enumerate(cfg.tasks):
             run = OnlineRun(cfg.online_spec(task), work / "online" / task, log=log)
             obs, action, reward = run.padded_episodes(MT30_OBS_DIM, MT30_ACTION_DIM)
@@ -292,7 +292,7 @@ def build(cfg: RecipeConfig, out: Path, work: Path | None = None, jobs: int = 1,
     `jobs` > 1 runs independent stages (the online runs; the two teachers) in parallel processes of
     `threads` torch threads each (1 is fastest on a busy machine: idle OpenMP workers spin).
     `only`: run just the stages whose name starts with it (no manifest; returns None)."""
-    from agent.benchmarks.manifest import write_manifest
+    from agent.mt_mini.manifest import write_manifest
 
     out = Path(out).absolute()
     work = Path(work).absolute() if work is not None else out / "work"

@@ -52,7 +52,7 @@ def collect_dataset(teacher: Path, out: Path, spec: DatasetSpec, num_envs: int =
     info = {"teacher": str(teacher), **asdict(spec)}
     with EpisodeStoreWriter(out, tasks=list(task_set.names), task_set="mt-mini", obs_dim=task_set.obs_pad,
                             action_dim=task_set.action_pad, episode_length=spec.episode_steps + 1, mode=mode,
-                            source="agent.benchmarks.dataset", info=info) as writer:
+                            source="agent.mt_mini.dataset", info=info) as writer:
         for wave in iter_collect(policy, list(spec.tasks), spec.episodes_per_task, spec.seed, task_set=task_set,
                                  num_envs=num_envs, noise_std=spec.noise_std, episode_steps=spec.episode_steps,
                                  progress=progress):
@@ -64,7 +64,7 @@ def cached_store_copy(source: Path, sha256: str, cache_root: Path, progress: boo
     """A copy of the shipped store `source` under `cache_root` (the teacher-target cache is written
     beside a store, so the shipped one stays read-only), made on first use and checked against
     `sha256` (recipe.store_sha256); one copier at a time, concurrent callers wait for it."""
-    from agent.benchmarks.recipe import store_sha256
+    from agent.mt_mini.recipe import store_sha256
     from agent.data import EpisodeStore, StoreError
     from agent.errors import ConfigError
 

@@ -14,9 +14,9 @@ Library (what the sweep service calls):
 
 CLI:
 
-    python -m agent.benchmarks.mt_mini build [--out DIR] [--work DIR] [--seed S] [--jobs N] ...
-    python -m agent.benchmarks.mt_mini verify-step STAGE [--dir DIR]
-    python -m agent.benchmarks.mt_mini dataset --out DIR [--episodes-per-task N]
+    python -m agent.mt_mini build [--out DIR] [--work DIR] [--seed S] [--jobs N] ...
+    python -m agent.mt_mini verify-step STAGE [--dir DIR]
+    python -m agent.mt_mini dataset --out DIR [--episodes-per-task N]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.benchmarks.dataset import DatasetSpec, cached_store_copy, collect_dataset, default_cache_root
+from agent.mt_mini.dataset import DatasetSpec, cached_store_copy, collect_dataset, default_cache_root
 from agent.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "mt_mini"
@@ -63,7 +63,7 @@ class MiniBenchmarkError(ConfigError):
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MiniBenchmarkError(f"MT-mini manifest {path} not found; build it with "
-                                 "`python -m agent.benchmarks.mt_mini build --out DIR`")
+                                 "`python -m agent.mt_mini build --out DIR`")
     return json.loads(path.read_text())
 
 
@@ -90,7 +90,7 @@ def teacher_path(size: str, directory: Path | None = None) -> Path:
 
 def student_config(directory: Path | None = None, **dims: int):
     """ModelConfig of a multi-task MT-mini model; `dims` default to QUICK_DEFAULTS['student_dims']."""
-    from agent.benchmarks.recipe import multitask_config
+    from agent.mt_mini.recipe import multitask_config
 
     return multitask_config(mt_mini_tasks(directory), {**QUICK_DEFAULTS["student_dims"], **dims})
 
@@ -111,7 +111,7 @@ def ensure_dataset(cache_dir: Path | None = None, progress: bool = True, directo
     data = manifest(directory).get("data")
     if not data:
         raise MiniBenchmarkError(f"MT-mini manifest in {directory} names no distillation data; rebuild with "
-                                 "`python -m agent.benchmarks.mt_mini build`")
+                                 "`python -m agent.mt_mini build`")
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     return cached_store_copy(directory / data["dir"], data["sha256"], root, progress)
 
@@ -142,7 +142,7 @@ def verify_step(stage: str, directory: Path | None = None, work: Path | None = N
     online:<task>   re-run that task's online run in a temporary directory and evaluate.
     Returns {"stage", "expected", "measured", "tolerance", "ok"}.
     """
-    from agent.benchmarks import recipe as R
+    from agent.mt_mini import recipe as R
     from agent.checkpoint import load_world_model
 
     directory = Path(directory or ASSETS).resolve()
@@ -183,9 +183,9 @@ def verify_step(stage: str, directory: Path | None = None, work: Path | None = N
 # -- CLI ----------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    from agent.benchmarks import recipe as R
+    from agent.mt_mini import recipe as R
 
-    p = argparse.ArgumentParser(prog="python -m agent.benchmarks.mt_mini", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agent.mt_mini", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on a busy machine)")
     sub = p.add_subparsers(dest="command", required=True)
     d = R.RecipeConfig()
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agent.benchmarks import recipe as R
+    from agent.mt_mini import recipe as R
 
     import torch
 

@@ -11,8 +11,8 @@ from agent.tasksets import MT30_ACTION_DIM, MT30_OBS_DIM
 ACTION_REPEAT = 2  # agent.envs.ACTION_REPEAT (not imported: it pulls in dm_control); rewards <= 1 per control step
 
 if TYPE_CHECKING:
-    from agent.benchmarks.recipe import RecipeConfig
-    from agent.benchmarks.stages import StageRecord
+    from agent.mt_mini.recipe import RecipeConfig
+    from agent.mt_mini.stages import StageRecord
 
 MANIFEST_FORMAT = "distill-sweeps/mt-mini-manifest"
 MANIFEST_VERSION = 1
@@ -23,7 +23,7 @@ def _stage_summary(record: "StageRecord") -> dict[str, Any]:
     s, r = record.settings, record.results
     summary: dict[str, Any] = {"name": record.name, "command": record.command, "seed": s["seed"],
                                "wall_s": round(record.wall_s, 1), "finished_utc": record.finished_utc,
-                               "verify": f"python -m agent.benchmarks.mt_mini verify-step {record.name}"}
+                               "verify": f"python -m agent.mt_mini verify-step {record.name}"}
     if record.name.startswith("online:"):
         spec = s["spec"]
         summary.update(steps=spec["steps"], seed_steps=spec["seed_steps"], updates=r["updates"],
@@ -111,7 +111,7 @@ def render_markdown(m: dict[str, Any]) -> str:
               "Commands (each stage records the invocation that ran it; re-running `build` skips finished stages):", ""]
     for command in dict.fromkeys(s["command"] for s in m["stages"]):
         lines.append(f"    {command}")
-    lines += ["", "Check one step against these figures: `python -m agent.benchmarks.mt_mini verify-step STAGE`.", ""]
+    lines += ["", "Check one step against these figures: `python -m agent.mt_mini verify-step STAGE`.", ""]
     return "\n".join(lines)
 
 

@@ -70,6 +70,6 @@ class StageLog:
 def current_command() -> str:
     """The command line of this process, as `python -m module args` when run with -m."""
     argv = list(sys.argv)
-    if argv and argv[0].endswith("mt_mini.py"):
-        argv[0] = "-m agent.benchmarks.mt_mini"
+    if argv and Path(argv[0]).parts[-2:] == ("mt_mini", "__main__.py"):
+        argv[0] = "-m agent.mt_mini"
     return " ".join(["python", *argv])

@@ -158,6 +158,9 @@ DISTILL_TARGETS: tuple[str, ...] = (
     "policy",            # teacher vs student policy mean (trained through the policy update)
 )
 QUANT_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8_naive", "int8", "mixed")
+# training precision of the population executor: fp32 (TF32 matmuls on CUDA) or the model loss
+# under bf16 autocast (CUDA only; weights, Adam state and the policy loss stay fp32)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from agent.checkpoint import atomic_torch_save, read_checkpoint
-from agent.config import ModelConfig, TrainConfig
+from agent.config import PRECISIONS, ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, TeacherTargets
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
@@ -46,9 +46,6 @@ TARGET_PREFIX, ONLINE_Q_PREFIX = "_target_Qs.", "_Qs."
 # (trains the policy prior inside the model loss) and `latent_linear` (a trainable projection) are
 # served by separate Trainers.
 POPULATION_TARGETS = (None, "reward", "reward_observed", "reward_multistep", "value", "latent_pca")
-# fp32: TF32 matmuls on CUDA where the process enabled them; bf16: the model loss under autocast
-# (weights, Adam state and the policy loss stay fp32)
-PRECISIONS = ("fp32", "bf16")
 
 
 class _ModelLoss(nn.Module):

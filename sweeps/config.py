@@ -10,12 +10,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
-from agent.config import DISTILL_TARGETS, QUANT_MODES, ModelConfig, PlannerConfig, TrainConfig
+from agent.config import DISTILL_TARGETS, PRECISIONS, QUANT_MODES, ModelConfig, PlannerConfig, TrainConfig
 from agent.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 TRIAL_OWNED = {"batch_size", "lr", "seed"}  # TrainConfig fields a trial sets from its own fields
-PRECISIONS = ("fp32", "bf16")  # agent.population.PRECISIONS
 
 
 @dataclass

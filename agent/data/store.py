@@ -15,30 +15,29 @@ Alignment (the official TD-MPC2 one): entry t of an episode holds obs_t together
 and reward that led to it, so entry 0 has NaN action and reward. The transition
 obs_{t-1} --action_t--> (reward_t, obs_t) therefore lives in entries t-1 and t.
 
-Writers build a complete new version in a sibling temp directory and publish it with a rename,
-so readers only ever see a finished store; a reader that already has arrays mapped keeps valid
-maps even after the store is replaced (the old files stay alive until unmapped).
+Writers build a complete new version in a sibling temp directory and publish it with a rename
+(`agent.data.atomic`), so readers only ever see a finished store; a reader that already has arrays
+mapped keeps valid maps even after the store is replaced (the old files stay alive until
+unmapped). Array files are plain .npy files written and read with numpy's format functions
+(`agent.data.npy`). This module holds the store's layout, its writer and its reader/validator.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import shutil
 import socket
-import struct
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 
+from agent.data import npy
+from agent.data.atomic import PathBusy, StagedDirectory, exchange_paths
 from agent.errors import DistillError
 
 if TYPE_CHECKING:
@@ -52,11 +51,6 @@ ALIGNMENT = (
     "entry t holds obs_t and the action/reward that led to it; "
     "entry 0 action and reward are NaN (official TD-MPC2 layout)"
 )
-
-# Every array file gets a fixed-size .npy header so the final shape (known only at commit) can be
-# written over the placeholder without moving data. 128 bytes fits any realistic shape.
-_NPY_HEADER_BYTES = 128
-_COPY_BLOCK_BYTES = 64 << 20
 
 
 class StoreError(DistillError):
@@ -149,70 +143,6 @@ class StoreManifest:
 
 
 # ----------------------------------------------------------------------------------------------
-# .npy files with a fixed-size header
-
-
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
-    prefix = b"\x93NUMPY\x01\x00"
-    body_len = _NPY_HEADER_BYTES - len(prefix) - 2
-    if len(text) + 1 > body_len:
-        raise StoreError(f"array shape {shape} too large for the store's .npy header")
-    return prefix + struct.pack("<H", body_len) + (text.ljust(body_len - 1) + "\n").encode("latin1")
-
-
-class _ArrayFileWriter:
-    """Appends episodes to one .npy file, hashing the data bytes as they are written."""
-
-    def __init__(self, path: Path, spec: ArraySpec) -> None:
-        self.path = path
-        self.spec = spec
-        self.episodes = 0
-        self.sha256 = hashlib.sha256()
-        self._file: BinaryIO = open(path, "wb")
-        self._file.write(_npy_header(spec.dtype, (0, *spec.per_episode)))
-
-    def write(self, data: np.ndarray) -> None:
-        data = np.ascontiguousarray(data, dtype=self.spec.dtype)
-        raw = data.reshape(-1).view(np.uint8)
-        self._file.write(raw)
-        self.sha256.update(raw)
-        self.episodes += data.shape[0]
-
-    def copy_from(self, source: Path, episodes: int) -> None:
-        """Append the data of an existing store file (same dtype/shape per episode)."""
-        with open(source, "rb") as src:
-            src.seek(_npy_data_offset(source))
-            while block := src.read(_COPY_BLOCK_BYTES):
-                self._file.write(block)
-                self.sha256.update(block)
-        self.episodes += episodes
-
-    def finish(self) -> ArrayInfo:
-        shape = (self.episodes, *self.spec.per_episode)
-        self._file.seek(0)
-        self._file.write(_npy_header(self.spec.dtype, shape))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return ArrayInfo(self.spec.file, self.spec.dtype.str, shape, self.sha256.hexdigest())
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _npy_data_offset(path: Path) -> int:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            np.lib.format.read_array_header_1_0(f)
-        else:
-            np.lib.format.read_array_header_2_0(f)
-        return f.tell()
-
-
-# ----------------------------------------------------------------------------------------------
 # Writer
 
 
@@ -231,29 +161,8 @@ def _drop_last_unit_dim(x: np.ndarray) -> np.ndarray:
     return x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange_paths(a: Path, b: Path) -> bool:
-    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE).
-    Returns False where the platform or filesystem cannot do it."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
+# the publishing step's atomic swap, looked up here at publish time (tests replace it)
+_exchange_paths = exchange_paths
 
 
 WriteMode = Literal["create", "append", "overwrite"]
@@ -297,20 +206,16 @@ class EpisodeStoreWriter:
         self.mode = mode
         self._op = {"utc": _utc_now(), "op": mode, "source": source, **(info or {})}
         self._specs = array_specs(self.episode_length, self.obs_dim, self.action_dim)
-        self._files: dict[str, _ArrayFileWriter] = {}
+        self._files: dict[str, npy.Appender] = {}
         self._closed = False
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.path.parent / f".{self.path.name}.write.lock"))
         try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
+            self._staged = StagedDirectory(self.path)
+        except PathBusy:
             raise StoreError(f"episode store {self.path}: another writer is building it right now") from None
         try:
             self._previous = self._check_target()
-            self._remove_stale_temp_dirs()
-            self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self._tmp.mkdir()
+            self._tmp = self._staged.begin()  # (removes the temp dirs of writers that died)
             for name in ("obs", "action", "reward", "task"):
                 self._open_array(name)
             if self._previous is not None:
@@ -345,13 +250,9 @@ class EpisodeStoreWriter:
             raise StoreError(f"episode store {self.path}: cannot append, {'; '.join(mismatch)}")
         return previous
 
-    def _remove_stale_temp_dirs(self) -> None:
-        """Temp dirs of earlier writers: they died, since we hold the write lock."""
-        for entry in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-            shutil.rmtree(entry, ignore_errors=True)
-
-    def _open_array(self, name: str) -> _ArrayFileWriter:
-        writer = _ArrayFileWriter(self._tmp / self._specs[name].file, self._specs[name])
+    def _open_array(self, name: str) -> npy.Appender:
+        spec = self._specs[name]
+        writer = npy.Appender(self._tmp / spec.file, spec.dtype, spec.per_episode)
         self._files[name] = writer
         return writer
 
@@ -363,7 +264,7 @@ class EpisodeStoreWriter:
 
     @property
     def num_episodes(self) -> int:
-        return self._files["task"].episodes
+        return self._files["task"].rows
 
     def append(self, obs: Any, action: Any, reward: Any, task: Any, terminated: Any = None) -> None:
         """Add n whole episodes (numpy arrays or torch tensors, official alignment).
@@ -405,7 +306,7 @@ class EpisodeStoreWriter:
         try:
             if self.num_episodes == 0:
                 raise StoreError(f"episode store {self.path}: no episodes were written; nothing to commit")
-            arrays = {name: writer.finish() for name, writer in self._files.items()}
+            arrays = {name: self._finish_array(name) for name in self._files}
             n, L = self.num_episodes, self.episode_length
             previous = self._previous
             manifest = StoreManifest(
@@ -429,33 +330,26 @@ class EpisodeStoreWriter:
                 f.write(manifest.to_json())
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(self._tmp)
             self._publish()
         except BaseException:
             self.abort()
             raise
         self._closed = True
-        self._lock.release()
         return EpisodeStore(self.path)
 
+    def _finish_array(self, name: str) -> ArrayInfo:
+        writer, spec = self._files[name], self._specs[name]
+        shape = writer.finish()
+        return ArrayInfo(spec.file, spec.dtype.str, shape, writer.sha256.hexdigest())
+
     def _publish(self) -> None:
-        if not self.path.exists():
-            try:
-                os.rename(self._tmp, self.path)
-            except OSError as e:
-                raise StoreError(f"episode store {self.path}: cannot publish ({e.strerror})") from None
-        elif _exchange_paths(self._tmp, self.path):
-            shutil.rmtree(self._tmp)  # now holds the previous version
-        else:
-            aside = self._tmp.with_name(self._tmp.name + "-old")
-            os.rename(self.path, aside)
-            try:
-                os.rename(self._tmp, self.path)
-            except OSError:
-                os.rename(aside, self.path)
+        existed = self.path.exists()
+        try:
+            self._staged.publish(exchange=_exchange_paths)
+        except OSError as e:
+            if existed:
                 raise
-            shutil.rmtree(aside)
-        _fsync_dir(self.path.parent)
+            raise StoreError(f"episode store {self.path}: cannot publish ({e.strerror})") from None
 
     def abort(self) -> None:
         """Discard everything written; the published store (if any) is untouched."""
@@ -464,11 +358,9 @@ class EpisodeStoreWriter:
         self._closed = True
         for writer in self._files.values():
             writer.close()
-        tmp = getattr(self, "_tmp", None)
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if self._lock.is_locked:
-            self._lock.release()
+        staged = getattr(self, "_staged", None)
+        if staged is not None:
+            staged.abort()
 
     def __enter__(self) -> "EpisodeStoreWriter":
         return self
@@ -545,7 +437,11 @@ class EpisodeStore:
                 f"episode store {self.path}: manifest entry for {info.file} says {info.dtype} {tuple(info.shape)}, "
                 f"expected {spec.dtype.str} {want_shape}"
             )
-        expected_bytes = _NPY_HEADER_BYTES + int(np.prod(want_shape)) * spec.dtype.itemsize
+        try:
+            header = npy.read_header(file)
+        except (ValueError, OSError) as e:
+            raise StoreError(f"episode store {self.path}: {info.file} has no readable .npy header ({e})") from None
+        expected_bytes = header.offset + int(np.prod(want_shape)) * spec.dtype.itemsize
         actual_bytes = file.stat().st_size
         if actual_bytes != expected_bytes:
             raise StoreError(
@@ -636,8 +532,8 @@ class EpisodeStore:
             digest = hashlib.sha256()
             file = self.path / info.file
             with open(file, "rb") as f:
-                f.seek(_npy_data_offset(file))
-                while block := f.read(_COPY_BLOCK_BYTES):
+                f.seek(npy.data_offset(file))
+                while block := f.read(npy.COPY_BLOCK_BYTES):
                     digest.update(block)
             if digest.hexdigest() != info.sha256:
                 raise StoreError(f"episode store {self.path}: {info.file} does not match its sha256 in {MANIFEST_FILE}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from agent import ops
 from agent.config import PlannerConfig, discount_for
 from agent.rollout import PlanningKernels
 from agent.runtime import keep_freed_memory
@@ -79,7 +80,7 @@ class Agent:
         if self._head_stream is None:
             base = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             self._head_stream = torch.Generator(device="cpu").manual_seed((base * 7_919 + 17) % 2**63)
-        return torch.randperm(self.model.cfg.num_q, generator=self._head_stream)[:2].to(device)
+        return ops.q_pair(self.model.cfg.num_q, device, generator=self._head_stream)
 
     def _env_streams(self, num_envs: int, device: torch.device) -> list[torch.Generator]:
         if self._streams is None or len(self._streams) != num_envs:

@@ -9,55 +9,27 @@ model's own heads, fewer FLOPs.
 Rows are laid out environment-major: a tensor of N = E * R rows holds R rows per environment. A call
 for the environments `envs` gets their rows only; a chunk of rows inside one environment passes
 that single environment as `envs`. The element-wise epilogues (constant add, LayerNorm, Mish,
-SimNorm, two-hot decode) run in the fused kernels of `agent.native` when they are available, and
-`value_net` hands the same weights to `native.ValueNet`, which does a whole value estimate in one call.
+SimNorm, two-hot decode) are `agent.ops`'s inference variants (fused native kernels when they are
+available), and `value_net` hands the same weights to `native.ValueNet`, which does a whole value
+estimate in one call. When that one call cannot serve the model, `value_net` says why, once.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from agent import math as tdmath
-from agent import native
-from agent.layers import simnorm
+from agent import native, ops
 from agent.world_model import WorldModel
 
 
-def fast_mish(x: torch.Tensor) -> torch.Tensor:
-    """Mish for inference: x * tanh(softplus(x)) = x - 2x / ((e^x + 1)^2 + 1).
-
-    One exp instead of exp + log1p + tanh, one temporary, no clamp (e^x = inf gives exactly x).
-    x is overwritten."""
-    r = torch.exp(x).add_(1.0).square_().add_(1.0).reciprocal_()
-    return x.addcmul_(x, r, value=-2.0)
-
-
 def _hidden(x: torch.Tensor, layer, const: torch.Tensor | None = None) -> torch.Tensor:
-    """Mish(LayerNorm(x + const)) for a NormedLinear `layer`; see `_ln_mish`."""
-    return _ln_mish(x, layer.ln.weight, layer.ln.bias, const, layer.ln.eps)
-
-
-def _ln_mish(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, const: torch.Tensor | None,
-             eps: float = 1e-5) -> torch.Tensor:
-    """Mish(LayerNorm(x + const) * gamma + beta), x (N, out) a linear output (overwritten);
-    const (n, out): row i of x gets const[i // (N / n)] (per-environment constants), or None."""
-    if native.usable(x, gamma, beta, *(() if const is None else (const,))):
-        return native.ln_act(x, gamma, beta, eps, add=const, out=x)
-    if const is not None:
-        x.view(const.shape[0], -1, x.shape[-1]).add_(const.unsqueeze(1))
-    return fast_mish(F.layer_norm(x, (x.shape[-1],), gamma, beta, eps))
+    """Mish(LayerNorm(x + const)) for a NormedLinear `layer`, x overwritten; see `ops.ln_mish_`."""
+    return ops.ln_mish_(x, layer.ln.weight, layer.ln.bias, const, layer.ln.eps)
 
 
 def _linear_hidden(x: torch.Tensor, layer) -> torch.Tensor:
     # the bias joins the epilogue: addmm would first copy it into every output row
     return _hidden(x @ layer.weight.T, layer, layer.bias.view(1, -1))
-
-
-def _decode(logits: torch.Tensor, cfg) -> torch.Tensor:
-    """Two-hot logits (N, >= num_bins; extra columns are padding) -> values (N, 1)."""
-    if native.usable(logits):
-        return native.two_hot_decode(logits, cfg.vmin, cfg.vmax, cfg.num_bins)
-    return tdmath.two_hot_inv(logits[:, :cfg.num_bins], cfg.vmin, cfg.vmax)
 
 
 def _padded_output(weight: torch.Tensor, bias: torch.Tensor, multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,14 +42,6 @@ def _padded_output(weight: torch.Tensor, bias: torch.Tensor, multiple: int = 16)
     b = bias.new_zeros(padded)
     b[:out_features] = bias
     return w_t, b
-
-
-def _ln_simnorm(x: torch.Tensor, layer, group: int) -> torch.Tensor:
-    """SimNorm(LayerNorm(x)) for the last dynamics layer; x (N, latent) its linear output (overwritten)."""
-    gamma, beta = layer.ln.weight, layer.ln.bias
-    if native.usable(x, gamma, beta):
-        return native.ln_simnorm_(x, gamma, beta, group, layer.ln.eps)
-    return simnorm(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps), group)
 
 
 class PlanningKernels:
@@ -125,19 +89,31 @@ class PlanningKernels:
         self._value_nets: dict[tuple, object] = {}
 
     def value_net(self, heads: torch.Tensor, rows_per_env: int, horizon: int, discount: float):
-        """`native.ValueNet` doing step x horizon + pi + q_avg(heads) in one call, or None where the
-        native kernels (or torch's BLAS entry points) are unavailable or the weights are not on CPU.
-        heads: (2,) Q head indices."""
+        """`native.ValueNet` doing step x horizon + pi + q_avg(heads) in one call, or None (with one
+        warning per reason) where it cannot serve: the native kernels or torch's BLAS entry points
+        are unavailable, or the weights are not float32 on CPU. heads: (2,) Q head indices."""
         key = (tuple(sorted(heads.tolist())), rows_per_env, horizon, discount)  # a + b == b + a: order is moot
         if key in self._value_nets:
             return self._value_nets[key]
         self._value_nets[key] = net = self._build_value_net(torch.tensor(key[0]), rows_per_env, horizon, discount)
         return net
 
+    def value_net_unavailable(self, heads: torch.Tensor) -> str | None:
+        """Why the one-call value estimate cannot serve this model here (one line), or None."""
+        if self.reward_w.device.type != "cpu":
+            return f"the model is on {self.reward_w.device.type} (the native value estimate runs on CPU)"
+        if self.reward_w.dtype != torch.float32:
+            return f"the model is {self.reward_w.dtype} (the native value estimate takes float32)"
+        if heads.numel() != 2:
+            return f"{heads.numel()} Q heads requested (the native value estimate averages two)"
+        return native.value_kernel_unavailable()
+
     def _build_value_net(self, heads: torch.Tensor, rows_per_env: int, horizon: int, discount: float):
         m, cfg = self.model, self.cfg
-        if (not native.value_kernel_available() or self.reward_w.device.type != "cpu" or heads.numel() != 2
-                or self.reward_w.dtype != torch.float32 or len(m._Qs.layers) != 3):
+        reason = self.value_net_unavailable(heads)
+        if reason is not None:
+            if native.available():  # else loading the kernels said so once already (or DISTILL_NATIVE=0)
+                ops.fallback("one-call native MPPI value estimate -> chunked torch path", reason)
             return None
         dense = native.Dense
 
@@ -145,12 +121,13 @@ class PlanningKernels:
             return dense(layer.weight.T, layer.bias, layer.ln.weight, layer.ln.bias)
 
         rew0, dyn0, q_layers = m._reward[0], m._dynamics[0], m._Qs.layers
-        q0, q1 = [], []
+        q = []
         for head in heads.tolist():
             w_first, const = self.q_first[head]
-            q0.append(dense(w_first, const, q_layers[0].ln_weight[head], q_layers[0].ln_bias[head]))
-            q1.append(dense(q_layers[1].weight[head].T, q_layers[1].bias[head], q_layers[1].ln_weight[head],
-                            q_layers[1].ln_bias[head]))
+            layers = [dense(w_first, const, q_layers[0].ln_weight[head], q_layers[0].ln_bias[head])]
+            layers += [dense(layer.weight[head].T, layer.bias[head], layer.ln_weight[head], layer.ln_bias[head])
+                       for layer in q_layers[1:-1]]
+            q.append(layers + [dense(*self.q_out[head])])
         layers = {
             "first": dense(torch.cat([self.reward_w, self.next_w], 1), torch.cat([self.reward_const, self.next_const], 1),
                            torch.cat([rew0.ln.weight, dyn0.ln.weight]), torch.cat([rew0.ln.bias, dyn0.ln.bias])),
@@ -158,7 +135,7 @@ class PlanningKernels:
             "next1": hidden(m._dynamics[1]), "next_out": hidden(m._dynamics[2]),
             "pi0": dense(self.pi_w, self.pi_const, m._pi[0].ln.weight, m._pi[0].ln.bias), "pi1": hidden(m._pi[1]),
             "pi_out": dense(m._pi[2].weight.T, m._pi[2].bias),
-            "q0": q0, "q1": q1, "q_out": [dense(*self.q_out[head]) for head in heads.tolist()],
+            "q": q,
         }
         return native.ValueNet(layers, latent=cfg.latent_dim, action=cfg.action_dim, mlp=cfg.mlp_dim, bins=cfg.num_bins,
                                simnorm=cfg.simnorm_dim, rows_per_env=rows_per_env, horizon=horizon, discount=discount,
@@ -176,10 +153,15 @@ class PlanningKernels:
         h_r = _hidden(za @ self.reward_w, m._reward[0], self.reward_const[envs])
         h_d = _hidden(za @ self.next_w, m._dynamics[0], self.next_const[envs])
         h_r, h_d = _linear_hidden(h_r, m._reward[1]), _linear_hidden(h_d, m._dynamics[1])
-        reward = _decode(torch.addmm(self.reward_out[1], h_r, self.reward_out[0]), self.cfg)
+        reward = self._decode(torch.addmm(self.reward_out[1], h_r, self.reward_out[0]))
         last = m._dynamics[2]
-        z_next = _ln_simnorm(F.linear(h_d, last.weight, last.bias), last, self.cfg.simnorm_dim)
+        z_next = ops.ln_simnorm_(F.linear(h_d, last.weight, last.bias), last.ln.weight, last.ln.bias,
+                                 self.cfg.simnorm_dim, last.ln.eps)
         return reward, z_next
+
+    def _decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """Two-hot logits (N, >= num_bins; extra columns are padding) -> values (N, 1)."""
+        return ops.decode(logits, self.cfg.vmin, self.cfg.vmax, self.cfg.num_bins)
 
     def pi(self, z: torch.Tensor, mask: torch.Tensor | None, envs: slice = slice(None),
            eps: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,19 +169,14 @@ class PlanningKernels:
         m, cfg = self.model, self.cfg
         h = _hidden(z @ self.pi_w, m._pi[0], self.pi_const[envs])
         out = m._pi[2](_linear_hidden(h, m._pi[1]))
-        mean, log_std = out.chunk(2, dim=-1)
-        log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (torch.tanh(log_std) + 1)
-        eps = torch.randn_like(mean) if eps is None else eps
-        if mask is not None:
-            mean, log_std, eps = mean * mask, log_std * mask, eps * mask
-        return torch.tanh(mean + eps * log_std.exp())
+        return ops.squashed_gaussian(out, eps, mask, cfg.log_std_min, cfg.log_std_max, log_prob=False)[0]
 
     def q_avg(self, z: torch.Tensor, a: torch.Tensor, envs: slice = slice(None),
               heads: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of two online Q heads' values (N, 1); heads: (2,) indices, random if None."""
         cfg, layers = self.cfg, self.model._Qs.layers
         if heads is None:
-            heads = torch.randperm(cfg.num_q, device=z.device)[:2]
+            heads = ops.q_pair(cfg.num_q, z.device)
         za = torch.cat([z, a], -1)
         values = 0.0
         for head in heads.tolist():  # one head at a time: 2-D GEMMs, activations stay in cache
@@ -214,6 +191,6 @@ class PlanningKernels:
                     h, const_i = h @ layer.weight[head].T, layer.bias[head].view(1, -1)
                 else:
                     const_i = const[envs]
-                h = _ln_mish(h, layer.ln_weight[head], layer.ln_bias[head], const_i)
-            values = values + _decode(h, cfg)
+                h = ops.ln_mish_(h, layer.ln_weight[head], layer.ln_bias[head], const_i)
+            values = values + self._decode(h)
         return values / 2

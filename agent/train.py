@@ -31,6 +31,7 @@ from agent.config import ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, LatentProjection, PcaProjection, fit_pca, teacher_latents
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
+from agent.ops import HALF_LOG_2PI
 from agent.runtime import flushed_denormals, keep_freed_memory
 from agent.scale import RunningScale
 from agent.train_kernels import heads_for, use_compiled_mish
@@ -291,7 +292,7 @@ def td_mpc_opt_log_prob(model: WorldModel, info: dict[str, torch.Tensor], action
     n_a = mask.sum(-1, keepdim=True) if mask is not None else float(action.shape[-1])
     residual = (-0.5 * info["eps"].pow(2) - info["log_std"]).sum(-1, keepdim=True)
     squash = torch.log(torch.relu(1 - action.pow(2)) + 1e-6).sum(-1, keepdim=True)
-    return (residual - 0.9189385332046727) * n_a - squash
+    return (residual - HALF_LOG_2PI) * n_a - squash
 
 
 def _has_cached(b: TrainBatch, target: str) -> bool:

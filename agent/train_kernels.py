@@ -4,32 +4,34 @@ for one batch of task ids. Same functions as `WorldModel.encode / next / reward 
 * the task embedding is looked up once per batch, and its product with each head's first-layer
   weights (plus the bias) is computed once per batch row instead of being concatenated to every
   input row (first layer = z @ W_z.T + a @ W_a.T + (emb @ W_e.T + b));
-* LayerNorm + Mish run as one fused native kernel forward and backward (`agent.native`,
+* LayerNorm + Mish run as one fused native kernel forward and backward (`agent.ops.ln_mish`,
   `use_native_kernels`); the Q ensemble's first layer is one GEMM for all heads (shared input)
   and its per-head LayerNorm + Mish reads that (N, heads, D) output and writes (heads, N, D)
   directly, so no transposed copies are made;
-* without the native kernels: torch's LayerNorm, and Mish as x * n / (n + 2), n = e^x (e^x + 2)
-  (one exp instead of exp, log1p and tanh; ~1e-7 relative), fused by torch.compile
-  (`use_compiled_mish`) or as an eager chain whose backward reuses e^x and tanh(softplus(x));
+* without the native kernels: torch's LayerNorm and `agent.ops.mish_train` (one exp; compiled
+  with `use_compiled_mish`);
 * dropout draws the gaps between dropped elements (geometric) instead of one Bernoulli per
   element: the same i.i.d. Bernoulli(p) mask at ~1% of the random draws (p = 0.01); the kept units'
   1 / (1 - p) is applied inside the LayerNorm kernel.
 
 Dropout (Q ensemble, first layer) follows the model's train/eval mode and draws from the torch
 RNG stream (so a restored RNG state reproduces it), but not the same numbers as nn.Dropout.
+
+Every operation (LayerNorm + Mish, SimNorm, the policy head, the Q-pair draw) is `agent.ops`'s
+one definition; this module only decides the schedule (which products, in which layout).
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from agent import native
-from agent.layers import simnorm
+from agent import ops
 from agent.math import two_hot_inv
+from agent.ops import mish_train as mish  # noqa: F401  (the training Mish, under its old name)
+from agent.ops import use_compiled_mish, use_native_kernels  # noqa: F401  (process-wide switches)
 from agent.world_model import WorldModel
 
 
@@ -47,124 +49,9 @@ def drop_positions(n: int, p: float, device: torch.device | str = "cpu") -> torc
     return positions[positions < n].long().to(device)
 
 
-def _mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e^x, tanh(softplus(x))) for x clamped at 20 (beyond which tanh(softplus(x)) = 1 in float32)."""
-    e = x.clamp(max=20.0).exp_()
-    n = e.add(2.0).mul_(e)
-    return e, n.div_(n.add(2.0))
-
-
-class _Mish(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        e, t = _mish_parts(x)
-        ctx.save_for_backward(x, e, t)
-        return x * t
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, e, t = ctx.saved_tensors
-        sigmoid = e.div(e.add(1.0))
-        # d/dx x tanh(softplus(x)) = t + x (1 - t^2) sigmoid(x)
-        return t.mul(t).neg_().add_(1.0).mul_(x).mul_(sigmoid).add_(t).mul_(grad)
-
-
-def _eager_mish(x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Mish.apply(x)
-    return _mish_parts(x)[1].mul_(x)
-
-
-def _mish_formula(x: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(torch.clamp(x, max=20.0))
-    n = e * (e + 2.0)
-    return x * (n / (n + 2.0))
-
-
-class _CompiledMish:
-    """Mish fused into one vectorised loop forward and one backward by torch.compile (inductor):
-    ~3-4x faster than the eager chain. Compiled once per process for flat inputs of any length
-    (grad and no-grad variants, checked at enable time); any failure falls back to eager."""
-
-    def __init__(self) -> None:
-        self.fn = None
-        self.enabled = False
-
-    def enable(self, enabled: bool = True) -> bool:
-        """Turn the compiled path on (compiling and checking it now) or off; returns whether it is on."""
-        if not enabled:
-            self.enabled = False
-            return False
-        if self.fn is None:
-            try:
-                fn = torch.compile(_mish_formula, dynamic=True)
-                probe = torch.linspace(-30.0, 30.0, 67, requires_grad=True)
-                fn(probe).sum().backward()
-                with torch.no_grad():
-                    fn(probe.detach())
-                if not torch.allclose(probe.grad, torch.autograd.grad(F.mish(probe).sum(), probe)[0], rtol=1e-4, atol=1e-5):
-                    raise RuntimeError("compiled Mish gradient differs from F.mish")
-                self.fn = fn
-            except Exception as exc:  # no C++ compiler, unsupported platform, inductor bug...
-                warnings.warn(f"compiled Mish unavailable, using eager kernels ({type(exc).__name__}: {str(exc)[:120]})")
-                self.fn = False
-        self.enabled = bool(self.fn)
-        return self.enabled
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x.reshape(-1)).view(x.shape)
-
-
-_compiled_mish = _CompiledMish()
-
-
-def use_compiled_mish(enabled: bool = True) -> bool:
-    """Process-wide switch for the torch.compile'd Mish of these kernels; returns whether it is on."""
-    return _compiled_mish.enable(enabled)
-
-
-def mish(x: torch.Tensor) -> torch.Tensor:
-    """Mish (x * tanh(softplus(x))) with one exp: compiled if enabled, else the eager chain
-    (intermediates kept only when a gradient is needed)."""
-    if _compiled_mish.enabled:
-        return _compiled_mish(x)
-    return _eager_mish(x)
-
-
-_native_hidden = True
-
-
-def use_native_kernels(enabled: bool = True) -> bool:
-    """Process-wide switch for `agent.native`'s fused LayerNorm + Mish (forward and backward) in
-    these kernels; returns whether they are in use (False where they cannot be built)."""
-    global _native_hidden
-    _native_hidden = bool(enabled) and native.available()
-    return _native_hidden
-
-
 def _hidden(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """LayerNorm + Mish of a NormedLinear's linear output (no dropout: only the Q ensemble has it)."""
-    gamma, beta = layer.ln.weight, layer.ln.bias
-    if _native_hidden and native.usable(gamma, beta) and x.dtype == torch.float32 and x.device.type == "cpu":
-        return native.layer_norm_act(x, gamma, beta, layer.ln.eps)
-    return mish(F.layer_norm(x, (layer.out_features,), gamma, beta, layer.ln.eps))
-
-
-def _ensemble_hidden(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, dropped: torch.Tensor | None = None,
-                     p: float = 0.0, transpose_heads: bool = False) -> torch.Tensor:
-    """Mish(LayerNorm(dropout(x)) * gamma[h] + beta[h]) of an ensemble layer's linear output, per head h.
-    x: (num, N, D), or (N, num, D) with `transpose_heads`; gamma, beta: (num, D) -> (num, N, D).
-    dropped: flat positions of x zeroed by dropout with rate p (kept units scaled by 1 / (1 - p)), or None.
-    The native path zeroes them in x itself: x must be a temporary that nothing else reads."""
-    scale = 1.0 / (1.0 - p) if dropped is not None else 1.0
-    if _native_hidden and native.usable(gamma, beta) and x.dtype == torch.float32 and x.device.type == "cpu":
-        return native.layer_norm_act(x, gamma, beta, 1e-5, native.MISH, scale, transpose_heads, dropped)
-    if dropped is not None:  # out of place: an in-place fill on a view costs autograd several copies
-        x = x.reshape(-1).index_fill(0, dropped, 0.0).view(x.shape) * scale
-    if transpose_heads:
-        x = x.transpose(0, 1)
-    shape = (gamma.shape[0],) + (1,) * (x.dim() - 2) + (gamma.shape[1],)
-    return mish(torch.addcmul(beta.view(shape), F.layer_norm(x, (x.shape[-1],)), gamma.view(shape)))
+    return ops.ln_mish(x, layer.ln.weight, layer.ln.bias, layer.ln.eps)
 
 
 def _tail(x: torch.Tensor, seq: nn.Sequential, simnorm_group: int | None) -> torch.Tensor:
@@ -176,7 +63,7 @@ def _tail(x: torch.Tensor, seq: nn.Sequential, simnorm_group: int | None) -> tor
     x = F.linear(x, last.weight, last.bias)
     if simnorm_group is None:
         return x
-    return simnorm(F.layer_norm(x, (last.out_features,), last.ln.weight, last.ln.bias), simnorm_group)
+    return ops.ln_simnorm(x, last.ln.weight, last.ln.bias, simnorm_group, last.ln.eps)
 
 
 class BatchKernels:
@@ -253,42 +140,26 @@ class BatchKernels:
         if first.dropout is not None and first.training and first.dropout.p > 0:
             p = first.dropout.p
             dropped = drop_positions(y.numel(), p, y.device)
-        x = _ensemble_hidden(y, g0, beta0, dropped, p, transpose_heads=True)     # (num, N, out0)
+        x = ops.ln_mish(y, g0, beta0, dropped=dropped, p=p, transpose_heads=True)     # (num, N, out0)
         for layer, (w, b, g, beta) in zip(layers[1:], params[1:]):
             x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
             if layer.normed:
-                x = _ensemble_hidden(x, g, beta)
+                x = ops.ln_mish(x, g, beta)
         return x.view(num, *lead, -1)
 
     def q_value(self, z: torch.Tensor, a: torch.Tensor, reduce: str, target: bool = False,
                 detach: bool = False) -> torch.Tensor:
         """min / avg over two randomly chosen heads of the decoded values (..., B, 1), as `WorldModel.Q`."""
         logits = self.q_all(z, a, target=target, detach=detach)
-        heads = torch.randperm(self.cfg.num_q, device=logits.device)[:2]
-        values = two_hot_inv(logits[heads], self.cfg.vmin, self.cfg.vmax)
-        return values.min(0).values if reduce == "min" else values.mean(0)
+        heads = ops.q_pair(self.cfg.num_q, logits.device)
+        return ops.reduce_pair(two_hot_inv(logits[heads], self.cfg.vmin, self.cfg.vmax), reduce)
 
     def pi(self, z: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Squashed Gaussian policy prior, `WorldModel.pi` conventions (upstream log-prob)."""
         cfg, seq = self.cfg, self.model._pi
         const = self._task_const(seq[0].weight, seq[0].bias, cfg.latent_dim)
         out = _tail(self._first(z, None, seq[0].weight, const), seq, None)
-        mean_raw, log_std_raw = out.chunk(2, dim=-1)
-        log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (torch.tanh(log_std_raw) + 1)
-        if eps is None:
-            eps = torch.randn_like(mean_raw)
-        if self.mask is not None:
-            mean_raw, log_std, eps = mean_raw * self.mask, log_std * self.mask, eps * self.mask
-            action_dims = self.mask.sum(-1, keepdim=True)
-        else:
-            action_dims = torch.tensor(float(mean_raw.shape[-1]))
-        gaussian_lp = (-0.5 * eps.pow(2) - log_std - 0.9189385175704956).sum(-1, keepdim=True)
-        action = torch.tanh(mean_raw + eps * log_std.exp())
-        log_prob = gaussian_lp - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1, keepdim=True)
-        entropy_scale = gaussian_lp * action_dims / (log_prob + 1e-8)
-        info = {"mean": torch.tanh(mean_raw), "log_std": log_std, "mean_raw": mean_raw, "eps": eps,
-                "log_prob": log_prob, "entropy": -log_prob, "scaled_entropy": -log_prob * entropy_scale}
-        return action, info
+        return ops.squashed_gaussian(out, eps, self.mask, cfg.log_std_min, cfg.log_std_max)
 
 
 class ModelHeads:

@@ -9,9 +9,9 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from agent import math as tdmath
+from agent import ops
 from agent.config import ModelConfig
 from agent.layers import EnsembleMLP, SimNorm, mlp
 
@@ -110,32 +110,7 @@ class WorldModel(nn.Module):
         info['mean_raw'], info['eps'].
         """
         out = self._pi(self._with_task(z, task))
-        mean_raw, log_std_raw = out.chunk(2, dim=-1)
-        cfg = self.cfg
-        log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (torch.tanh(log_std_raw) + 1)
-        if eps is None:
-            eps = torch.randn_like(mean_raw)
-        if self.multitask:
-            mask = self.action_mask(task)
-            mean_raw, log_std, eps = mean_raw * mask, log_std * mask, eps * mask
-            action_dims = mask.sum(-1, keepdim=True)
-        else:
-            action_dims = torch.tensor(float(mean_raw.shape[-1]))
-        gaussian_lp = (-0.5 * eps.pow(2) - log_std - 0.9189385175704956).sum(-1, keepdim=True)
-        pre_squash = mean_raw + eps * log_std.exp()
-        action = torch.tanh(pre_squash)
-        log_prob = gaussian_lp - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1, keepdim=True)
-        entropy_scale = gaussian_lp * action_dims / (log_prob + 1e-8)
-        info = {
-            "mean": torch.tanh(mean_raw),
-            "log_std": log_std,
-            "mean_raw": mean_raw,
-            "eps": eps,
-            "log_prob": log_prob,
-            "entropy": -log_prob,
-            "scaled_entropy": -log_prob * entropy_scale,
-        }
-        return action, info
+        return ops.squashed_gaussian(out, eps, self.action_mask(task), self.cfg.log_std_min, self.cfg.log_std_max)
 
     def Q(self, z: torch.Tensor, a: torch.Tensor, task: torch.Tensor | None = None, return_type: str = "min",
           target: bool = False, detach: bool = False) -> torch.Tensor:
@@ -155,9 +130,8 @@ class WorldModel(nn.Module):
         logits = logits.view(net.num, *lead, -1)
         if return_type == "all":
             return logits
-        heads = torch.randperm(self.cfg.num_q, device=logits.device)[:2]
-        values = tdmath.two_hot_inv(logits[heads], self.cfg.vmin, self.cfg.vmax)
-        return values.min(0).values if return_type == "min" else values.mean(0)
+        heads = ops.q_pair(self.cfg.num_q, logits.device)
+        return ops.reduce_pair(tdmath.two_hot_inv(logits[heads], self.cfg.vmin, self.cfg.vmax), return_type)
 
     def num_parameters(self, include_target: bool = False) -> int:
         return sum(p.numel() for name, p in self.named_parameters() if include_target or not name.startswith("_target_Qs"))

@@ -241,3 +241,45 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "False"
     assert done.stderr.count("UserWarning: native CPU kernels unavailable") == 1
+
+
+@needs_native
+def test_signatures_and_struct_layouts_are_checked_against_the_library(monkeypatch):
+    """bindings.py's ctypes table and struct mirrors agree with kernels.c (checked at load); a
+    mismatch in either raises NativeABIError instead of calling with wrong types or offsets."""
+    import ctypes
+
+    from agent.native import bindings
+
+    lib = native._library()
+    bindings.check_signatures(lib.cdll)
+    bindings.check_layouts(lambda name: lib.native_layout(name=name))
+    assert lib.native_layout(name=b"value_net_t") == ctypes.sizeof(bindings.ValueNetStruct)
+    assert lib.native_layout(name=b"layer_t.no_such_field") == -1
+
+    result, arguments = bindings.FUNCTIONS["two_hot_decode"]
+    monkeypatch.setitem(bindings.FUNCTIONS, "two_hot_decode", (result, arguments[:-1] + [("vmax", "d")]))
+    with pytest.raises(bindings.NativeABIError, match="two_hot_decode"):
+        bindings.check_signatures(lib.cdll)
+    monkeypatch.undo()
+
+    class Shifted(ctypes.Structure):  # a mirror with one field too many before `in`
+        _c_name = "layer_t"
+        _fields_ = [(n, t) for n, t in bindings.Layer._fields_[:4]] + [("extra", ctypes.c_int64)] + \
+            [(n, t) for n, t in bindings.Layer._fields_[4:]]
+
+    monkeypatch.setattr(bindings, "STRUCTS", (Shifted,))
+    with pytest.raises(bindings.NativeABIError, match="layer_t"):
+        bindings.check_layouts(lambda name: lib.native_layout(name=name))
+
+
+@needs_native
+def test_library_functions_take_every_argument_by_name():
+    lib = native._library()
+    logits = torch.randn(3, 5)
+    out = torch.empty(3, 1)
+    with pytest.raises(TypeError, match="missing"):
+        lib.two_hot_decode(logits=logits.data_ptr(), stride=5, out=out.data_ptr(), rows=3, bins=5, vmin=-1.0)
+    with pytest.raises(TypeError, match="unknown"):
+        lib.two_hot_decode(logits=logits.data_ptr(), stride=5, out=out.data_ptr(), rows=3, bins=5, vmin=-1.0,
+                           vmax=1.0, extra=0)

@@ -2,8 +2,14 @@
  *
  * Written with GCC/Clang vector extensions (16 lanes): one AVX-512 register with -march=native on
  * machines that have it, two AVX2 registers otherwise. No -ffast-math: the exp below relies on
- * exact float rounding. Built and loaded by agent/native/__init__.py.
+ * exact float rounding. Built by agent/native/build.py, bound by agent/native/bindings.py.
+ *
+ * ABI checked at load time: every exported function is preceded by SIGNATURE(name, "r:args"), one
+ * character per argument (p pointer, l int64_t, i int, f float, d double; r the result, v void),
+ * which bindings.py compares with its ctypes table; the structs handed over by pointer are
+ * described by native_layout() (sizes and field offsets), compared with their ctypes mirrors.
  */
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +20,9 @@
 #ifdef __SSE__
 #include <xmmintrin.h>
 #endif
+/* exported `const char name__signature[]`: the function's argument kinds, read by bindings.py */
+#define SIGNATURE(name, kinds) const char name##__signature[] = kinds;
+
 #ifdef _OPENMP
 #include <omp.h>
 static inline int thread_index(void) { return omp_get_thread_num(); }
@@ -192,6 +201,7 @@ static inline void ln_act_row(const float *src, const float *c, float *dst, int6
  * mean_out / rstd_out (heads * rows,), indexed k, may be NULL; they describe scale * (x + add), so
  * the backward pass of a call with add must be given x + add as its input. Runs on `threads` threads
  * of the OpenMP pool (torch's own, when built with -fopenmp and loaded into a torch process). */
+SIGNATURE(ln_act_forward, "v:pplllllllplppffippi")
 void ln_act_forward(const float *x, float *out, int64_t rows, int64_t heads, int64_t width,
                     int64_t x_rs, int64_t x_hs, int64_t o_rs, int64_t o_hs, const float *add, int64_t add_every,
                     const float *gamma, const float *beta, float scale, float eps, int act,
@@ -210,6 +220,7 @@ void ln_act_forward(const float *x, float *out, int64_t rows, int64_t heads, int
  * grad_y is laid out with strides (g_rs, g_hs), x and grad_x with (x_rs, x_hs). Writes grad_x;
  * accumulates d gamma, d beta into grad_affine (threads, 2, heads, width), slice [t] from thread t
  * (NULL: skipped). */
+SIGNATURE(ln_act_backward, "v:ppplllllllppppfipi")
 void ln_act_backward(const float *x, const float *grad_y, float *grad_x, int64_t rows, int64_t heads, int64_t width,
                      int64_t x_rs, int64_t x_hs, int64_t g_rs, int64_t g_hs, const float *mean, const float *rstd,
                      const float *gamma, const float *beta, float scale, int act,
@@ -303,6 +314,7 @@ static inline float decode_row(const float *row, const float *bias, int64_t bins
 /* Expected value of two-hot logits: out[r] = symexp(sum_k softmax(logits[r])_k * center_k),
  * centers = linspace(vmin, vmax, bins). logits (rows, stride >= bins): the first `bins` columns are
  * used; out (rows,). */
+SIGNATURE(two_hot_decode, "v:plpllff")
 void two_hot_decode(const float *logits, int64_t stride, float *out, int64_t rows, int64_t bins, float vmin_, float vmax_) {
   float step = (vmax_ - vmin_) / (float)(bins - 1);
   for (int64_t r = 0; r < rows; ++r) out[r] = decode_row(logits + r * stride, NULL, bins, vmin_, step);
@@ -329,6 +341,7 @@ static inline void simnorm_row(float *row, int64_t width, int64_t group) {
 
 /* x (rows, width) in place: LayerNorm(x) * gamma + beta, then softmax within consecutive groups of
  * `group` features (SimNorm). width must be a multiple of group. */
+SIGNATURE(ln_simnorm, "v:pllppfl")
 void ln_simnorm(float *x, int64_t rows, int64_t width, const float *gamma, const float *beta, float eps, int64_t group) {
   for (int64_t r = 0; r < rows; ++r) {
     float *row = x + r * width;
@@ -361,11 +374,36 @@ typedef struct {
   layer_t first;                    /* reward | dynamics first layers side by side: out = 2 * mlp, per env */
   layer_t reward1, reward_out, next1, next_out;
   layer_t pi0, pi1, pi_out;
-  layer_t q0[2], q1[2], q_out[2];   /* the two Q heads averaged */
+  const layer_t *q[2];              /* the two Q heads averaged: q_layers layers each, the first per env, */
+  int64_t q_layers;                 /* hidden layers (LayerNorm + Mish) then the output layer (two-hot) */
   int64_t latent, action, mlp, bins, simnorm, rows_per_env, horizon;
   double discount;
   float vmin, vmax, log_std_min, log_std_max, ln_eps;
 } value_net_t;
+
+/* Sizes ("layer_t") and field offsets ("layer_t.bias") of the structs above, -1 for unknown names. */
+#define SIZE_OF(type) {#type, sizeof(type)}
+#define OFFSET_OF(type, field) {#type "." #field, offsetof(type, field)}
+static const struct { const char *name; size_t value; } layout[] = {
+  SIZE_OF(layer_t), OFFSET_OF(layer_t, w), OFFSET_OF(layer_t, bias), OFFSET_OF(layer_t, gamma),
+  OFFSET_OF(layer_t, beta), OFFSET_OF(layer_t, in), OFFSET_OF(layer_t, out), OFFSET_OF(layer_t, per_env),
+  SIZE_OF(value_net_t), OFFSET_OF(value_net_t, sgemm), OFFSET_OF(value_net_t, set_threads_local),
+  OFFSET_OF(value_net_t, first), OFFSET_OF(value_net_t, reward1), OFFSET_OF(value_net_t, reward_out),
+  OFFSET_OF(value_net_t, next1), OFFSET_OF(value_net_t, next_out), OFFSET_OF(value_net_t, pi0),
+  OFFSET_OF(value_net_t, pi1), OFFSET_OF(value_net_t, pi_out), OFFSET_OF(value_net_t, q),
+  OFFSET_OF(value_net_t, q_layers), OFFSET_OF(value_net_t, latent), OFFSET_OF(value_net_t, action),
+  OFFSET_OF(value_net_t, mlp), OFFSET_OF(value_net_t, bins), OFFSET_OF(value_net_t, simnorm),
+  OFFSET_OF(value_net_t, rows_per_env), OFFSET_OF(value_net_t, horizon), OFFSET_OF(value_net_t, discount),
+  OFFSET_OF(value_net_t, vmin), OFFSET_OF(value_net_t, vmax), OFFSET_OF(value_net_t, log_std_min),
+  OFFSET_OF(value_net_t, log_std_max), OFFSET_OF(value_net_t, ln_eps),
+};
+
+SIGNATURE(native_layout, "l:p")
+int64_t native_layout(const char *name) {
+  for (size_t i = 0; i < sizeof layout / sizeof layout[0]; ++i)
+    if (strcmp(layout[i].name, name) == 0) return (int64_t)layout[i].value;
+  return -1;
+}
 
 /* c (rows, l->out) = a (rows, l->in; row stride lda) @ l->w */
 static void gemm(const value_net_t *net, const float *a, int64_t lda, const layer_t *l, float *c, int64_t rows) {
@@ -388,19 +426,32 @@ static void epilogue(const value_net_t *net, const layer_t *l, float *c, int64_t
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+/* Widths of the scratch buffers of one block row: hidden (h1, h2: 2 * mlp, or a wider Q hidden
+ * layer) and output (o: the widest output layer, or the latent). */
+static int64_t hidden_width(const value_net_t *net) {
+  int64_t w = 2 * net->mlp;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t i = 0; i + 1 < net->q_layers; ++i) w = max64(w, net->q[h][i].out);
+  return w;
+}
+
+static int64_t output_width(const value_net_t *net) {
+  int64_t w = max64(max64(net->reward_out.out, net->pi_out.out), net->latent);
+  for (int h = 0; h < 2; ++h) w = max64(w, net->q[h][net->q_layers - 1].out);
+  return w;
+}
+
 static int64_t block_scratch(const value_net_t *net, int64_t block) {
-  int64_t L = net->latent, A = net->action, M = net->mlp;
-  int64_t out = max64(max64(net->reward_out.out, net->q_out[0].out), max64(net->pi_out.out, L));
-  return block * ((L + A) + 2 * M + 2 * M + out + L + 2);
+  int64_t L = net->latent, A = net->action;
+  return block * ((L + A) + 2 * hidden_width(net) + output_width(net) + L + 2);
 }
 
 /* out[row0 : row0 + R] for one block of rows; see plan_values. */
 static void value_block(const value_net_t *net, const float *z, const float *actions, const float *mask,
                         const float *eps, float *out, int64_t rows, int64_t row0, int64_t R, float *scratch) {
-  const int64_t L = net->latent, A = net->action, M = net->mlp, LA = L + A;
-  float *za = scratch, *h1 = za + R * LA, *h2 = h1 + R * 2 * M, *o = h2 + R * 2 * M;
-  int64_t out_w = max64(max64(net->reward_out.out, net->q_out[0].out), max64(net->pi_out.out, L));
-  float *zc = o + R * out_w, *ret = zc + R * L, *q = ret + R;
+  const int64_t L = net->latent, A = net->action, M = net->mlp, LA = L + A, HW = hidden_width(net);
+  float *za = scratch, *h1 = za + R * LA, *h2 = h1 + R * HW, *o = h2 + R * HW;
+  float *zc = o + R * output_width(net), *ret = zc + R * L, *q = ret + R;
   float step = (net->vmax - net->vmin) / (float)(net->bins - 1);
   memcpy(zc, z + row0 * L, (size_t)(R * L) * sizeof(float));
   for (int64_t r = 0; r < R; ++r) ret[r] = 0.0f;
@@ -447,19 +498,26 @@ static void value_block(const value_net_t *net, const float *z, const float *act
     }
   }
   for (int64_t r = 0; r < R; ++r) q[r] = 0.0f;
-  for (int h = 0; h < 2; ++h) {
-    gemm(net, za, LA, &net->q0[h], h1, R);
-    epilogue(net, &net->q0[h], h1, M, 0, M, R, row0, 1);
-    gemm(net, h1, M, &net->q1[h], h2, R);
-    epilogue(net, &net->q1[h], h2, M, 0, M, R, row0, 1);
-    gemm(net, h2, M, &net->q_out[h], o, R);
+  for (int h = 0; h < 2; ++h) { /* hidden layers ping-pong between h1 and h2, then the output layer */
+    const layer_t *layers = net->q[h], *last = &layers[net->q_layers - 1];
+    const float *in = za;
+    int64_t ld = LA;
+    for (int64_t i = 0; i + 1 < net->q_layers; ++i) {
+      float *dst = i % 2 ? h2 : h1;
+      gemm(net, in, ld, &layers[i], dst, R);
+      epilogue(net, &layers[i], dst, layers[i].out, 0, layers[i].out, R, row0, 1);
+      in = dst;
+      ld = layers[i].out;
+    }
+    gemm(net, in, ld, last, o, R);
     for (int64_t r = 0; r < R; ++r)
-      q[r] += decode_row(o + r * net->q_out[h].out, net->q_out[h].bias, net->bins, net->vmin, step);
+      q[r] += decode_row(o + r * last->out, last->bias, net->bins, net->vmin, step);
   }
   float d = (float)discount;
   for (int64_t r = 0; r < R; ++r) out[row0 + r] = ret[r] + d * (q[r] / 2.0f);
 }
 
+SIGNATURE(gemm_selftest, "i:p")
 /* 1 when `sgemm` multiplies a small row-major (3, 5) @ (5, 4) product exactly as a plain loop. */
 int gemm_selftest(sgemm_fn sgemm) {
   float a[15], w[20], c[12];
@@ -485,6 +543,7 @@ int gemm_selftest(sgemm_fn sgemm) {
  * out: (rows,). Rows are environment-major (row / rows_per_env is the environment of the per-env
  * constants). Blocks of `block` rows run on `threads` OpenMP threads, BLAS single-threaded in each.
  * Returns 0, or -1 when scratch memory could not be allocated. */
+SIGNATURE(plan_values, "i:pppppplli")
 int plan_values(const value_net_t *net, const float *z, const float *actions, const float *mask, const float *eps,
                 float *out, int64_t rows, int64_t block, int threads) {
   int64_t blocks = (rows + block - 1) / block;

@@ -280,6 +280,6 @@ def test_library_functions_take_every_argument_by_name():
     out = torch.empty(3, 1)
     with pytest.raises(TypeError, match="missing"):
         lib.two_hot_decode(logits=logits.data_ptr(), stride=5, out=out.data_ptr(), rows=3, bins=5, vmin=-1.0)
-    with pytest.raises(TypeError, match="unknown"):
+    with pytest.raises(TypeError, match="unexpected"):
         lib.two_hot_decode(logits=logits.data_ptr(), stride=5, out=out.data_ptr(), rows=3, bins=5, vmin=-1.0,
                            vmax=1.0, extra=0)

@@ -71,27 +71,16 @@ class ValueNetStruct(ctypes.Structure):
 STRUCTS = (Layer, ValueNetStruct)
 
 
-class Function:
-    """A library function called with its arguments by name (all of them, no others)."""
-
-    __slots__ = ("name", "arguments", "fn")
-
-    def __init__(self, name: str, arguments: tuple[str, ...], fn: Any):
-        self.name, self.arguments, self.fn = name, arguments, fn
-
-    def __call__(self, **kwargs: Any) -> Any:
-        if len(kwargs) != len(self.arguments):
-            missing, extra = set(self.arguments) - set(kwargs), set(kwargs) - set(self.arguments)
-            raise TypeError(f"native {self.name}: missing arguments {sorted(missing)}, unknown {sorted(extra)}")
-        try:
-            return self.fn(*[kwargs[name] for name in self.arguments])
-        except KeyError as e:
-            raise TypeError(f"native {self.name}: unknown argument {sorted(set(kwargs) - set(self.arguments))}, "
-                            f"missing {e}") from None
+def _named(name: str, arguments: tuple[str, ...], fn: Any) -> Any:
+    """A Python function `name(*, arg, ...)` calling `fn` with its keyword-only arguments in C order
+    (Python itself rejects a missing or unknown argument, at the cost of a plain call)."""
+    namespace = {"_fn": fn}
+    exec(f"def {name}(*, {', '.join(arguments)}):\n    return _fn({', '.join(arguments)})\n", namespace)
+    return namespace[name]
 
 
 class Library:
-    """The loaded kernels: one `Function` attribute per entry of FUNCTIONS."""
+    """The loaded kernels: one attribute per entry of FUNCTIONS, called with every argument by name."""
 
     def __init__(self, cdll: ctypes.CDLL):
         self.cdll = cdll
@@ -99,7 +88,7 @@ class Library:
             fn = getattr(cdll, name)
             fn.argtypes = [KINDS[kind] for _, kind in arguments]
             fn.restype = KINDS[result]
-            setattr(self, name, Function(name, tuple(a for a, _ in arguments), fn))
+            setattr(self, name, _named(name, tuple(a for a, _ in arguments), fn))
 
 
 def _c_signature(cdll: ctypes.CDLL, name: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from agent import native
+from agent.native import _fits, _threads  # defined before this module is imported
 
 MISH, NO_ACT = 1, 0
 
@@ -16,7 +17,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _check(*tensors: torch.Tensor | None) -> None:
     for t in tensors:
-        if t is not None and not native._fits(t):
+        if t is not None and not _fits(t):
             raise ValueError("native kernels take contiguous float32 CPU tensors")
 
 
@@ -66,7 +67,7 @@ def ln_act(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float 
         x=_ptr(x), out=_ptr(out), rows=rows, heads=heads, width=width, x_row_stride=x_rs, x_head_stride=x_hs,
         out_row_stride=o_rs, out_head_stride=o_hs, add=_ptr(add), add_every=add_every, gamma=_ptr(gamma),
         beta=_ptr(beta), scale=float(scale), eps=float(eps), act=int(act), mean_out=_ptr(mean), rstd_out=_ptr(rstd),
-        threads=native._threads(heads * rows, width))
+        threads=_threads(heads * rows, width))
     return out
 
 
@@ -124,7 +125,7 @@ class LayerNormAct(torch.autograd.Function):
         _, _, g_rs, g_hs = _layout(grad_out, heads, False)
         grad_x = torch.empty_like(x)
         want_affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        threads = native._threads(heads * rows, width)
+        threads = _threads(heads * rows, width)
         # one gamma / beta accumulator per thread (threads must not add into the same rows)
         grad_affine = torch.zeros(threads, 2, *gamma.shape) if want_affine else None
         _check(grad_out)

@@ -80,6 +80,39 @@ def load_results(directory: str | Path) -> SweepResults:
     return SweepResults(directory=directory, meta=meta, evals=evals, swept=swept, tasks=tasks)
 
 
+def is_uri(results_dir: str | Path) -> bool:
+    """True for an object store location (s3://BUCKET/PATH, gs://..., any pyarrow file system URI)."""
+    return "://" in str(results_dir)
+
+
+def fetch_results(uri: str, into: Path) -> Path:
+    """Copy sweep.json (when there is one) and results.jsonl of the sweep at `uri` into directory
+    `into`, through pyarrow's file systems (an S3-compatible store: the endpoint in the environment,
+    AWS_ENDPOINT_URL_S3, or in the URI, ?endpoint_override=HOST:PORT&scheme=http). Returns `into`."""
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:
+        raise ResultsError(f"{uri}: reading an object store needs pyarrow (pip install pyarrow)") from None
+    base, mark, query = str(uri).partition("?")
+    shown = base.rstrip("/")
+    into.mkdir(parents=True, exist_ok=True)
+    for name, required in ((SWEEP_FILE, False), (RESULTS_FILE, True)):
+        try:
+            fs, path = pafs.FileSystem.from_uri(f"{shown}/{name}{mark}{query}")
+            data = None
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                with fs.open_input_stream(path) as handle:
+                    data = handle.read()
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ResultsError(f"{shown}/{name}: cannot read it ({first})") from None
+        if data is not None:
+            (into / name).write_bytes(data)
+        elif required:
+            raise ResultsError(f"{shown}: no {RESULTS_FILE} (expected a sweep's --out)")
+    return into
+
+
 def read_sweep_meta(path: Path) -> dict:
     """sweep.json as a dict; {} when absent (then the swept keys are inferred from the configs)."""
     if not path.is_file():

@@ -9,6 +9,7 @@ from analysis.load import CONFIG_PREFIX, TASK_PREFIX
 from analysis.paper import PAPER_LABEL
 from analysis.summary import setting_label
 from analysis.tables import Table
+from analysis.twoway import TwoWayTable
 from analysis.values import format_value, is_number, same_value, sort_key
 
 SCORE_LABEL = "normalized score (return / 10)"
@@ -99,6 +100,29 @@ def ablation_figure(table: Table) -> Figure:
     return figure
 
 
+def two_way_figure(table: TwoWayTable) -> Figure:
+    """Mean score vs the crossed sweep's first key, one line per value of its second key, with 95% CI
+    error bars (cells the sweep did not run, or whose seeds all failed, are left out of their line).
+    On a categorical axis the lines are nudged apart so that their error bars do not overlap."""
+    figure = Figure(figsize=(7.2, 4.5))
+    axes = figure.add_subplot()
+    row_values = table.row_values
+    x = _value_axis(axes, row_values)
+    numeric = _numeric_axis(row_values)
+    columns = table.column_values
+    for position, value in enumerate(columns):
+        line = pd.DataFrame([table.cell(r, value) for r in row_values])
+        shown = line["ran"].to_numpy(dtype=bool) & np.isfinite(line["score"].to_numpy(dtype=float))
+        offset = 0.0 if numeric else 0.08 * (position - (len(columns) - 1) / 2)
+        axes.errorbar(x[shown] + offset, line["score"][shown], yerr=_yerr(line[shown]), marker="o", capsize=4,
+                      label=f"{table.column_key}={format_value(value)}")
+    if len(columns) <= MAX_LEGEND_ENTRIES:
+        axes.legend(title=key_label(table.column_key), fontsize="small")
+    _finish(figure, axes, key_label(table.row_key), SCORE_LABEL,
+            f"Normalized score vs {table.row_key}, one line per {table.column_key}")
+    return figure
+
+
 def learning_curves_figure(curves: pd.DataFrame) -> Figure:
     """Score vs training step, one line per setting, shaded 95% CI over seeds."""
     figure = Figure(figsize=(7.2, 4.5))
@@ -180,9 +204,13 @@ def task_heatmap_figure(summaries: pd.DataFrame, setting_columns: list[str], tas
 
 
 def report_figures(tables: list[Table], summaries: pd.DataFrame, curves: pd.DataFrame,
-                   reference: dict[str, object], setting_columns: list[str], tasks: list[str]) -> dict[str, Figure]:
-    """Every figure the data supports, by file stem, in report order."""
+                   reference: dict[str, object], setting_columns: list[str], tasks: list[str],
+                   two_way: TwoWayTable | None = None) -> dict[str, Figure]:
+    """Every figure the data supports, by file stem, in report order (a crossed sweep's two-way
+    plot first)."""
     figures: dict[str, Figure] = {}
+    if two_way is not None and (two_way.cells["ran"] & two_way.cells["score"].notna()).any():
+        figures[two_way.plot_name] = two_way_figure(two_way)
     for table in tables:
         if table.name == "quant":
             figure = quant_size_figure(table)

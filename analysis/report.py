@@ -3,6 +3,7 @@ report.md and a self-contained report.html.
 
     python analysis/report.py RESULTS_DIR [--format md,latex,csv,html] [--out DIR]
     python -m analysis.report RESULTS_DIR
+    python analysis/report.py s3://BUCKET/PATH --out DIR    # a sweep's --out in an object store
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import json  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 
 from analysis.findings import endpoint_name, evaluation_noise, headline, verdicts  # noqa: E402
-from analysis.load import RUN_COLUMN, ResultsError, SweepResults, load_results  # noqa: E402
+from analysis.load import RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri, load_results  # noqa: E402
 from analysis.paired import SCRATCH_FREE_KEYS, paired_table  # noqa: E402
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
 from analysis.plots import report_figures  # noqa: E402
@@ -27,9 +28,12 @@ from analysis.stats import N_RESAMPLES  # noqa: E402
 from analysis.summary import learning_curves, setting_label, setting_summaries  # noqa: E402
 from analysis.tables import Table, build_tables, reference_setting  # noqa: E402
 from analysis.trials import endpoint_outcomes, trial_outcomes  # noqa: E402
+from analysis.twoway import (TwoWayTable, two_way_csv, two_way_display, two_way_latex, two_way_markdown,  # noqa: E402
+                             two_way_table)
 
 FORMATS = ("md", "latex", "csv", "html")
 TABLE_WRITERS = {"md": (".md", table_markdown), "latex": (".tex", table_latex), "csv": (".csv", csv_text)}
+TWO_WAY_WRITERS = {"md": (".md", two_way_markdown), "latex": (".tex", two_way_latex), "csv": (".csv", two_way_csv)}
 PLOT_DPI = 110
 PLOT_CAPTIONS = {
     "learning_curves": "Learning curves",
@@ -56,15 +60,33 @@ def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS
 
     report.md and plots/*.png are always written; `formats` picks tables/<name>.md|.tex|.csv and
     report.html. Returns the path of report.md. Raises ResultsError / UsageError on bad input.
+
+    `results_dir` may be an object store URI (s3://BUCKET/PATH, see `load.fetch_results`): its
+    result files are read into a temporary directory, and `out_dir` is then required.
     """
     formats = parse_formats(formats)
+    if is_uri(results_dir):
+        if out_dir is None:
+            where = str(results_dir).partition("?")[0]
+            raise UsageError(f"{where} is in an object store: give --out DIR for the report")
+        import tempfile
+
+        where = str(results_dir).partition("?")[0].rstrip("/")
+        with tempfile.TemporaryDirectory(prefix="report-") as temp:
+            copy = Path(temp) / (where.rsplit("/", 1)[-1] or "results")
+            try:
+                return build_report(fetch_results(str(results_dir), copy), formats, out_dir)
+            except ResultsError as exc:  # named as the user gave it, not as the temporary copy
+                raise ResultsError(str(exc).replace(str(copy), where)) from None
     results = load_results(results_dir)
     trials = trial_outcomes(results)
     summaries = setting_summaries(trials, results.setting_columns, results.task_columns)
     reference = reference_setting(results, trials)
     tables = build_tables(results, trials, summaries, reference)
+    two_way = two_way_table(results, summaries, reference)
     curves = learning_curves(results, trials, reference)
-    figures = report_figures(tables, summaries, curves, reference, results.setting_columns, list(results.tasks))
+    figures = report_figures(tables, summaries, curves, reference, results.setting_columns, list(results.tasks),
+                             two_way=two_way)
     images = {name: _png(figure) for name, figure in figures.items()}
 
     out = Path(out_dir) if out_dir is not None else results.directory / "report"
@@ -76,10 +98,14 @@ def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS
             if fmt in TABLE_WRITERS:
                 suffix, render = TABLE_WRITERS[fmt]
                 (out / "tables" / f"{table.name}{suffix}").write_text(render(table), encoding="utf-8")
+    for fmt in formats if two_way is not None else ():
+        if fmt in TWO_WAY_WRITERS:
+            suffix, render = TWO_WAY_WRITERS[fmt]
+            (out / "tables" / f"{two_way.name}{suffix}").write_text(render(two_way), encoding="utf-8")
     for name, png in images.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
 
-    blocks = report_blocks(results, trials, tables, images, reference, endpoint_outcomes(results, trials))
+    blocks = report_blocks(results, trials, tables, images, reference, endpoint_outcomes(results, trials), two_way)
     (out / "report.md").write_text(blocks_markdown(blocks), encoding="utf-8")
     if "html" in formats:
         (out / "report.html").write_text(blocks_html(blocks, images, report_title(results)), encoding="utf-8")
@@ -107,9 +133,10 @@ def _clear_previous(out: Path) -> None:
 # ("h1"|"h2"|"h3"|"p", text), ("ul", [text]), ("table", headers, rows, n_labels), ("img", plot name, caption).
 
 def report_blocks(results: SweepResults, trials, tables: list[Table], images: dict[str, bytes],
-                  reference: dict[str, object], endpoints) -> list[tuple]:
+                  reference: dict[str, object], endpoints, two_way: TwoWayTable | None = None) -> list[tuple]:
     """The report's content, in order: headline, facts, paired differences against scratch and the
-    evaluation noise, how to read the tables, tables and plots, failed runs."""
+    evaluation noise, how to read the tables, tables (a crossed sweep's two-way table first) and
+    plots, failed runs."""
     meta = results.meta
     n_failed = int(trials["failed"].sum())
     error_rows = int((results.evals["status"] == "error").sum())
@@ -158,6 +185,12 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
         blocks.append(("p", f"In a table of one swept key, the other swept keys are held at: {held}."))
 
     blocks.append(("h2", "Tables"))
+    if two_way is not None:
+        blocks += [("h3", two_way.title), ("table", *two_way_display(two_way))]
+        blocks += [("p", note) for note in two_way.notes]
+        if two_way.plot_name in images:
+            blocks.append(("img", two_way.plot_name, f"Normalized score vs {two_way.row_key}, one line per "
+                                                     f"{two_way.column_key}"))
     for table in tables:
         blocks += [("h3", table.title), ("table", *display(table))]
         plot = "quant_size_vs_score" if table.name == "quant" else f"score_vs_{table.name}"
@@ -240,7 +273,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results_dir", help="a sweep's --out directory (sweep.json, results.jsonl)")
+    parser.add_argument("results_dir", help="a sweep's --out directory (sweep.json, results.jsonl), or its object "
+                                            "store URI (s3://BUCKET/PATH; then --out is required)")
     parser.add_argument("--format", default=",".join(FORMATS),
                         help=f"comma-separated subset of {','.join(FORMATS)} (default: all); "
                              "report.md and the plots are always written")

@@ -27,6 +27,7 @@ os.environ.setdefault("MUJOCO_GL", "disable")
 
 from agent.errors import ConfigError, DistillError  # noqa: E402
 from sweeps.config import PRESETS, TRIAL_OWNED, TrialConfig, check_setting_type, parse_override, preset_config  # noqa: E402
+from sweeps import storage  # noqa: E402
 from sweeps.space import DEFAULT_SPACE, corner_points, parse_space  # noqa: E402
 from sweeps.grids import (GRID_KEYS, GRID_NAMES, GridSpec, check_grid_values, cross_points, describe_grids,  # noqa: E402
                           parse_grids, specs_swept_keys)
@@ -56,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", action="append", default=None, metavar="KEY=KIND:ARGS",
                    help="a searched setting of --search optuna, e.g. d_coef=uniform:0:1, lr=loguniform:1e-4:1e-3, "
                         "batch_size=choice:128,256 (repeatable; default: d_coef, batch_size and lr)"),
-    p.add_argument("--out", default=None, help="result directory, local or s3:// / gs:// (default runs/<grid>-<preset>)")
+    p.add_argument("--out", default=None,
+                   help="result directory (default runs/<grid>-<preset>), or an object store URI: s3://BUCKET/PATH, "
+                        "gs://BUCKET/PATH; an S3-compatible store via AWS_ENDPOINT_URL_S3=http://HOST:PORT or "
+                        "s3://BUCKET/PATH?endpoint_override=HOST:PORT&scheme=http (README: object storage)")
     p.add_argument("--teacher", action="append", default=[], metavar="[LABEL=]PATH",
                    help="teacher checkpoint (any TD-MPC2 layout); LABEL=PATH names teachers for the teacher_size grid")
     p.add_argument("--data", default=None, help="episode store directory (python -m agent.data import-tdmpc2 makes one)")
@@ -150,41 +154,31 @@ TUNER_STATE = "tuner.pkl"  # what Tune.Tuner.can_restore looks for in an experim
 
 
 def _local_out(out: str) -> Path:
-    """Where the result files are written on this machine (a remote --out is uploaded at the end)."""
-    return Path(out) if "://" not in out else Path(_REPO / "runs" / ".remote" / out.split("://", 1)[1])
+    """Where the result files are written on this machine: OUT itself, or for a remote OUT its
+    staging copy outside the checkout (sweeps.storage.staging_dir), mirrored to the store."""
+    return Path(out) if not storage.is_remote(out) else storage.staging_dir(out)
 
 
 def _restorable(out: str) -> bool:
     """Whether OUT holds Tune experiment state to resume from (as tune.Tuner.can_restore decides)."""
     _, storage_path = _storage(out)
-    experiment = f"{storage_path}/{EXPERIMENT}"
-    if "://" not in experiment:
-        return (Path(experiment) / TUNER_STATE).is_file()
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = pafs.FileSystem.from_uri(experiment)
-        return fs.get_file_info(f"{root}/{TUNER_STATE}").type == pafs.FileType.File
-    except (OSError, ValueError):
-        return False
+    if not storage.is_remote(storage_path):
+        return (Path(storage_path) / EXPERIMENT / TUNER_STATE).is_file()
+    return storage.exists(storage.join(storage_path, EXPERIMENT, TUNER_STATE))
 
 
 def _read_sweep_meta(out: str) -> dict[str, Any] | None:
+    """OUT's sweep.json (for a remote OUT, the store's: the store is the truth), None when unreadable."""
     from sweeps.results import SWEEP_FILE
 
-    local = _local_out(out) / SWEEP_FILE
     try:
-        if local.is_file():
-            return json.loads(local.read_text())
-        if "://" in out:
-            import pyarrow.fs as pafs
-
-            fs, root = pafs.FileSystem.from_uri(out.rstrip("/") + "/" + SWEEP_FILE)
-            with fs.open_input_stream(root) as handle:
-                return json.loads(handle.read().decode())
+        if storage.is_remote(out):
+            data = storage.read_bytes(storage.join(out, SWEEP_FILE))
+            return None if data is None else json.loads(data.decode())
+        local = Path(out) / SWEEP_FILE
+        return json.loads(local.read_text()) if local.is_file() else None
     except (OSError, ValueError):
         return None
-    return None
 
 
 def sweep_identity(args: argparse.Namespace, base: TrialConfig) -> dict[str, Any]:
@@ -237,20 +231,21 @@ def resume_difference(now: dict[str, Any], before: dict[str, Any]) -> str | None
 def check_resume(args: argparse.Namespace, base: TrialConfig, out: str) -> None:
     """--resume continues the sweep at OUT as it was started: refuse when there is nothing to
     restore, or when this command's grid, settings, seeds, preset or search differ from sweep.json's."""
+    shown = storage.display(out) if storage.is_remote(out) else out
     if not _restorable(out):
-        raise UsageError(f"--resume: nothing to resume at {out} (no Tune experiment state in it); "
+        raise UsageError(f"--resume: nothing to resume at {shown} (no Tune experiment state in it); "
                          "drop --resume to start the sweep there")
     before = _read_sweep_meta(out)
     if before is None:
-        raise UsageError(f"--resume: {out} has Tune state but no readable sweep.json, so this command cannot be "
+        raise UsageError(f"--resume: {shown} has Tune state but no readable sweep.json, so this command cannot be "
                          "checked against the sweep it would resume; use a new --out")
     difference = resume_difference(sweep_identity(args, base), before)
     if difference is not None:
-        raise UsageError(f"--resume at {out}: {difference}; resume with the sweep's own arguments, or start a "
+        raise UsageError(f"--resume at {shown}: {difference}; resume with the sweep's own arguments, or start a "
                          "new sweep in another --out")
 
 
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")  # pyarrow file systems Tune's storage can use
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")  # pyarrow file systems Tune's storage can use (sweeps/storage.py)
 PACKAGES = ("agent", "sweeps", "analysis")
 
 
@@ -264,8 +259,11 @@ def check_out(out: str) -> None:
         if scheme not in REMOTE_SCHEMES:
             raise UsageError(f"--out {out}: unsupported storage scheme {scheme!r}; use a local directory or "
                              f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
-        if not rest.strip("/"):
-            raise UsageError(f"--out {out}: no bucket or path after {scheme}://")
+        if not storage.split_query(rest)[0].strip("/"):
+            raise UsageError(f"--out {storage.display(out)}: no bucket or path after {scheme}://")
+        problem = storage.check_reachable(out)
+        if problem is not None:
+            raise UsageError(f"--out {storage.display(out)}: {problem}")
         return
     path = Path(out).resolve()
     if path == _REPO:
@@ -341,8 +339,9 @@ def trial_configs(args: argparse.Namespace, base: TrialConfig, teachers: dict[st
 
 
 def _storage(out: str) -> tuple[bool, str]:
-    remote = "://" in out
-    return remote, out.rstrip("/") + "/ray" if remote else str(Path(out).resolve() / "ray")
+    """(whether OUT is remote, Tune's storage_path: OUT/ray, a URI keeping OUT's query options)."""
+    remote = storage.is_remote(out)
+    return remote, storage.join(out, "ray") if remote else str(Path(out).resolve() / "ray")
 
 
 def run_sweep(args: argparse.Namespace) -> Path:
@@ -353,6 +352,8 @@ def run_sweep(args: argparse.Namespace) -> Path:
     remote, storage_path = _storage(out)
     local_out = _local_out(out)
     local_out.mkdir(parents=True, exist_ok=True)
+    if remote:  # the store is the truth: continue from its result files, not from a stale staging copy
+        storage.download_results(out, local_out)
     inputs = resolve_inputs_for(args, local_out)
     configs = trial_configs(args, base, inputs.teachers, inputs.default_teacher, overrides)
     for cfg in configs:
@@ -379,6 +380,8 @@ def run_sweep(args: argparse.Namespace) -> Path:
             "teacher": {"paths": inputs.teachers, "default": inputs.default_teacher},
             "data": inputs.data, "trials": len(configs),
         })
+        if remote:  # at once: a resume (from any machine) is checked against it
+            storage.upload_results(local_out, out, report=False)
 
     # no --address: a Ray of this process's own, never a cluster already running on the machine
     ray.init(address=args.address or "local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
@@ -393,8 +396,9 @@ def run_sweep(args: argparse.Namespace) -> Path:
         # Tune's legacy console output: the only one that takes a progress reporter (CLIReporter)
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         if args.resume:  # check_resume found it restorable and the same sweep
-            print(f"resuming {experiment}", file=sys.stderr)
-            tuner = tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
+            print(f"resuming {storage.display(experiment) if remote else experiment}", file=sys.stderr)
+            tuner = _restore(experiment, fn)
+            _retarget_rows(tuner, local_out, out if remote else None)
         else:
             tuner = _new_tuner(args, fn, configs, base, storage_path, local_out)
         grid = tuner.fit()
@@ -405,8 +409,37 @@ def run_sweep(args: argparse.Namespace) -> Path:
     if not args.no_report:
         subprocess.run([sys.executable, "-m", "analysis.report", str(local_out)], check=False)
     if remote:
-        _upload(local_out, out)
+        storage.upload_results(local_out, out)
     return local_out
+
+
+def _restore(experiment: str, fn):
+    """tune.Tuner.restore, without Tune's warning that the trials not yet started have no metrics
+    ("Failed to fetch metrics for N trial(s)", from the restored experiment's analysis; with
+    storage in an object store it lists every pending trial)."""
+    import logging
+
+    from ray import tune
+
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        return tune.Tuner.restore(experiment, trainable=fn, resume_errored=True)
+    finally:
+        analysis_log.setLevel(level)
+
+
+def _retarget_rows(tuner, local_out: Path, remote: str | None) -> None:
+    """Point the restored experiment's StreamRows (unpickled with the first run's --out) at this
+    command's: the same sweep, but the endpoint or credentials in a remote --out's query may differ."""
+    from sweeps.tune_adapter import StreamRows
+
+    local_tuner = getattr(tuner, "_local_tuner", None)
+    run_config = local_tuner.get_run_config() if local_tuner is not None else None
+    for callback in getattr(run_config, "callbacks", None) or []:
+        if isinstance(callback, StreamRows):
+            callback.out, callback.remote = local_out, remote
 
 
 def check_local_gpus(gpus_per_trial: float, base: TrialConfig) -> None:
@@ -476,19 +509,13 @@ def run_callbacks(args: argparse.Namespace, local_out: Path) -> list:
     Tune's own W&B logger (one W&B run per trial, grouped by sweep; the rows' JSON stays out)."""
     from sweeps.tune_adapter import StreamRows
 
-    callbacks = [StreamRows(local_out)]
+    remote = args.out if args.out is not None and storage.is_remote(args.out) else None
+    callbacks = [StreamRows(local_out, remote=remote)]
     if args.wandb is not None:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         callbacks.append(WandbLoggerCallback(project=args.wandb, group=local_out.name, excludes=["row_json"]))
     return callbacks
-
-
-def _upload(local_out: Path, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(uri)
-    pafs.copy_files(str(local_out), root, destination_filesystem=fs)
 
 
 def list_settings(preset: str) -> str:
@@ -533,8 +560,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = out / "report" / "report.md"
-    print(f"results: {out / 'results.jsonl'}")
-    print(f"report:  {report if report.exists() else '(not written)'}")
+    if args.out is not None and storage.is_remote(args.out):
+        where = storage.display(args.out)
+        print(f"results: {where}/results.jsonl (staged in {out})")
+        print(f"report:  {where + '/report/report.md' if report.exists() else '(not written)'}")
+    else:
+        print(f"results: {out / 'results.jsonl'}")
+        print(f"report:  {report if report.exists() else '(not written)'}")
     from sweeps.results import RESULTS_FILE, read_rows
 
     total, failed, common = failure_summary(read_rows(out))

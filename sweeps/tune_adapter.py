@@ -18,19 +18,47 @@ from sweeps.trial import TrialContext, run_trial
 
 
 class StreamRows(tune.Callback):
-    """Driver-side: every trial result's rows go to OUT/results.jsonl as they are reported."""
+    """Driver-side: every trial result's rows go to OUT/results.jsonl as they are reported. With a
+    remote OUT (`remote`, the --out URI), `out` is the staging copy and results.jsonl is mirrored
+    to the store as rows arrive (sweeps.storage.ResultsMirror: at most every few seconds, and when
+    the sweep ends); a restored sweep recomputes the staging copy on the machine it resumes on."""
 
-    def __init__(self, out: Path):
+    remote: str | None = None  # defaults for callbacks pickled before these attributes existed
+    mirror = None
+
+    def __init__(self, out: Path, remote: str | None = None):
         self.out = Path(out)
+        self.remote = remote
         self.stream: RowStream | None = None
+        self.mirror = None
+
+    def _open(self) -> RowStream:
+        if self.stream is None:  # opened lazily: the callback is pickled with the experiment
+            if self.remote is not None:
+                from sweeps.storage import ResultsMirror, staging_dir
+
+                self.out = staging_dir(self.remote)
+                self.mirror = ResultsMirror(self.out, self.remote)
+            self.stream = RowStream(self.out)
+        return self.stream
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if self.stream is None:  # opened lazily: the callback is pickled with the experiment
-            self.stream = RowStream(self.out)
-        self.stream.add_result(result)
+        stream = self._open()
+        before = len(stream.rows)
+        stream.add_result(result)
+        if self.mirror is not None and len(stream.rows) != before:
+            self.mirror.changed()
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if self.mirror is not None:
+            self.mirror.flush()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.mirror is not None:
+            self.mirror.flush(force=True)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"out": self.out, "stream": None}
+        return {"out": self.out, "remote": self.remote, "stream": None, "mirror": None}
 
 
 # -- what a sweep shows while it runs: trial names, the progress table, the reported metrics ----------

@@ -620,3 +620,153 @@ def test_paper_numbers_are_never_on_the_axes_of_our_scores(tmp_path):
     quant = figures["quant_size_vs_score"]
     assert len(quant.axes) == 1 and not {28.12, 28.45, 5.09} & plotted_values(quant.axes[0])
     assert {26.5, 25.5, 3.25} <= plotted_values(quant.axes[0])
+
+
+# ---- crossed grids: the two-way table and its plot (issue 17 item 9) ----------------------------------
+
+CROSSED_GRIDS = ["d_coef=0,0.2,0.45", "teacher_size"]
+
+
+def crossed_rows() -> list[dict]:
+    """d_coef x teacher_size as sweeps/run.py runs it: one scratch setting (d_coef 0, recorded with the
+    default teacher, large), the others crossed; 0.45/large has one seed, both seeds of 0.2/medium
+    failed, 0.45/medium was not run. Task scores (x, x): each run scores x."""
+    def run(d_coef, size, seed, value):
+        return evaluation(f"d{d_coef}-{size}", 1000, scores(value, value), d_coef=d_coef, teacher_size=size, seed=seed)
+
+    rows = [run(0.0, "large", 0, 10), run(0.0, "large", 1, 12),
+            run(0.2, "small", 0, 14), run(0.2, "small", 1, 16), run(0.2, "large", 0, 18), run(0.2, "large", 1, 20),
+            run(0.45, "small", 0, 20), run(0.45, "small", 1, 24), run(0.45, "large", 0, 30)]
+    rows += [failure("d0.2-medium", 500, "loss diverged", d_coef=0.2, teacher_size="medium", seed=seed)
+             for seed in (0, 1)]
+    return rows
+
+
+def crossed_sweep(directory: Path) -> Path:
+    return write_sweep(directory, crossed_rows(), swept=("d_coef", "teacher_size"), grids=CROSSED_GRIDS,
+                       grid=" x ".join(CROSSED_GRIDS))
+
+
+# Hand-computed: 2 seeds -> the percentile bootstrap CI is [min, max]; the scratch setting fills its row.
+GOLDEN_TWO_WAY = """\
+| d_coef | teacher_size=large | teacher_size=medium | teacher_size=small |
+| --- | ---: | ---: | ---: |
+| 0 | 11.00 [10.00, 12.00] | 11.00 [10.00, 12.00] | 11.00 [10.00, 12.00] |
+| 0.2 | 19.00 [18.00, 20.00] | failed | 15.00 [14.00, 16.00] |
+| 0.45 | 30.00 (1 seed) | not run | 22.00 [20.00, 24.00] |
+"""
+
+
+def test_crossed_grids_get_a_two_way_table_in_every_format(tmp_path):
+    report = build_report(crossed_sweep(tmp_path / "sweep"))
+    tables = report.parent / "tables"
+    assert (tables / "d_coef_x_teacher_size.md").read_text(encoding="utf-8") == GOLDEN_TWO_WAY
+    text = report.read_text(encoding="utf-8")
+    assert "### Normalized score, d_coef × teacher_size, last train evaluation\n\n" + GOLDEN_TWO_WAY in text
+    assert ("d_coef = 0 is the scratch student, which uses no teacher_size: the sweep ran it once (recorded as "
+            "teacher_size=large) and it is shown under every teacher_size.") in text
+    assert text.index("d_coef × teacher_size") < text.index("### Normalized score vs d_coef")  # the crossed view first
+    assert "![Normalized score vs d_coef, one line per teacher_size](plots/score_vs_d_coef_by_teacher_size.png)" in text
+    assert (tables / "d_coef_x_teacher_size.csv").read_text().splitlines() == [
+        "d_coef,teacher_size,score,ci_low,ci_high,n_seeds,failed,shared_scratch",
+        "0,large,11.0000,10.0000,12.0000,2,0,false",
+        "0,medium,11.0000,10.0000,12.0000,2,0,true",
+        "0,small,11.0000,10.0000,12.0000,2,0,true",
+        "0.2,large,19.0000,18.0000,20.0000,2,0,false",
+        "0.2,medium,,,,0,2,false",
+        "0.2,small,15.0000,14.0000,16.0000,2,0,false",
+        "0.45,large,30.0000,,,1,0,false",
+        "0.45,small,22.0000,20.0000,24.0000,2,0,false"]
+    latex = (tables / "d_coef_x_teacher_size.tex").read_text()
+    assert r"d\_coef & teacher\_size=large & teacher\_size=medium & teacher\_size=small \\" in latex
+    assert r"0.2 & 19.00 [18.00, 20.00] & failed & 15.00 [14.00, 16.00] \\" in latex
+    assert r"\label{tab:d_coef_x_teacher_size}" in latex
+    page = (report.parent / "report.html").read_text(encoding="utf-8")
+    assert '<th>d_coef</th><th class="num">teacher_size=large</th>' in page
+    assert '<td>0.45</td><td class="num">30.00 (1 seed)</td><td class="num">not run</td>' in page
+
+
+def test_crossed_grids_plot_one_line_per_value_of_the_second_key(tmp_path):
+    results, trials, summaries, reference, tables = analyse(crossed_sweep(tmp_path / "sweep"))
+    from analysis.twoway import two_way_table
+
+    two_way = two_way_table(results, summaries, reference)
+    figures = report_figures(list(tables.values()), summaries, learning_curves(results, trials, reference), reference,
+                             results.setting_columns, list(TASKS), two_way=two_way)
+    assert list(figures)[0] == "score_vs_d_coef_by_teacher_size"
+    axes = figures["score_vs_d_coef_by_teacher_size"].axes[0]
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("distillation coefficient d_coef", SCORE_LABEL)
+    assert axes.get_legend().get_title().get_text() == "teacher size"
+    lines = {c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())) for c in axes.containers}
+    assert lines == {"teacher_size=large": ([0.0, 0.2, 0.45], [11.0, 19.0, 30.0]),
+                     "teacher_size=medium": ([0.0], [11.0]),  # 0.2 failed, 0.45 not run: only the scratch point
+                     "teacher_size=small": ([0.0, 0.2, 0.45], [11.0, 15.0, 22.0])}
+    bars = {c.get_label(): c.lines[2][0].get_segments() for c in axes.containers}  # the CI error bars
+    assert [(s[0][1], s[1][1]) for s in bars["teacher_size=small"]] == [(10.0, 12.0), (14.0, 16.0), (20.0, 24.0)]
+
+
+def test_crossed_grids_hold_the_other_keys_and_order_rows_by_the_first_grid(tmp_path):
+    """--grid batch_size --grid teacher_size with d_coef held (the scratch partner is not in the table),
+    categorical columns; the row key is the first --grid, whatever the order of `swept`."""
+    rows = [evaluation(f"b{b}-{t}-s{s}", 1000, scores(b / 64 + (t == "small") + s, b / 64 + s), batch_size=b,
+                       teacher_size=t, seed=s) for b in (256, 1024) for t in ("small", "large") for s in (0, 1)]
+    rows += [evaluation(f"scratch-b{b}-s{s}", 1000, scores(1, 1), d_coef=0.0, batch_size=b, seed=s)
+             for b in (256, 1024) for s in (0, 1)]
+    sweep = write_sweep(tmp_path / "sweep", rows, swept=("teacher_size", "d_coef", "batch_size"),
+                        grids=["batch_size=256,1024", "teacher_size"])
+    results, trials, summaries, reference, _ = analyse(sweep)
+    from analysis.twoway import two_way_table
+
+    table = two_way_table(results, summaries, reference)
+    assert (table.row_key, table.column_key, table.row_values, table.column_values) == (
+        "batch_size", "teacher_size", [256.0, 1024.0], ["large", "small"])
+    assert table.title == "Normalized score, batch_size × teacher_size (d_coef=0.45), last train evaluation"
+    assert table.cell(1024, "small")["score"] == pytest.approx(17.0)  # seeds: (17 + 16) / 2, (18 + 17) / 2
+    assert not table.cells["shared_scratch"].any() and len(table.notes) == 1
+
+
+def test_single_grid_sweeps_have_no_two_way_table(tmp_path, d_coef_report):
+    assert not list((d_coef_report.parent / "tables").glob("*_x_*"))
+    # the teacher_size grid sweeps two keys (teacher_size and its scratch partner's d_coef) but is one grid
+    rows = [evaluation(f"t{size}-s{seed}", 1000, scores(10 + seed, 12), teacher_size=size, seed=seed)
+            for size in ("small", "large") for seed in (0, 1)]
+    rows += [evaluation(f"scratch-s{seed}", 1000, scores(5, 5), d_coef=0.0, seed=seed) for seed in (0, 1)]
+    sweep = write_sweep(tmp_path / "sweep", rows, swept=("teacher_size", "d_coef"), grids=["teacher_size"])
+    report = build_report(sweep, formats=("md",))
+    text = report.read_text(encoding="utf-8")
+    assert not list((report.parent / "tables").glob("*_x_*")) and "teacher_size ×" not in text and "_by_" not in text
+    # a crossed quant grid: precision is no setting, so there is nothing to cross
+    from analysis.twoway import crossed_keys
+
+    assert crossed_keys(load_results(write_sweep(tmp_path / "q", d_coef_rows(), grids=["d_coef", "quant"]))) is None
+
+
+# ---- reports of a sweep in an object store ---------------------------------------------------------------
+
+def test_report_straight_from_an_s3_bucket(tmp_path, monkeypatch, capsys, d_coef_report):
+    """report.py s3://BUCKET/PATH --out DIR reads the sweep's result files from the bucket (a local
+    S3-compatible server of the test's own; the endpoint given in the URI)."""
+    from s3_server import moto_s3
+
+    with moto_s3(tmp_path / "moto.log") as s3:
+        for key, value in s3.env(endpoint=False).items():
+            monkeypatch.setenv(key, value)
+        s3.create_bucket("sweeps")
+        sweep = d_coef_report.parent.parent
+        for name in ("sweep.json", "results.jsonl"):
+            s3.put("sweeps", f"runs/d_coef/{name}", (sweep / name).read_bytes())
+        uri = "s3://sweeps/runs/d_coef" + s3.query
+        assert main([uri, "--out", str(tmp_path / "report"), "--format", "md"]) == 0
+        assert (tmp_path / "report" / "tables" / "d_coef.md").read_text(encoding="utf-8") == GOLDEN_D_COEF_TABLE
+        assert (tmp_path / "report" / "report.md").read_bytes() == d_coef_report.read_bytes()
+        capsys.readouterr()
+        assert main([uri]) == 2
+        assert capsys.readouterr().err == ("report.py: error: s3://sweeps/runs/d_coef is in an object store: give "
+                                           "--out DIR for the report\n")
+        assert main(["s3://sweeps/elsewhere" + s3.query, "--out", str(tmp_path / "none")]) == 2
+        assert capsys.readouterr().err == ("report.py: error: s3://sweeps/elsewhere: no results.jsonl (expected a "
+                                           "sweep's --out)\n")
+        s3.put("sweeps", "bad/results.jsonl", b'{"trial_id": "x"}\n')
+        assert main(["s3://sweeps/bad" + s3.query, "--out", str(tmp_path / "bad")]) == 2
+        assert capsys.readouterr().err == ("report.py: error: s3://sweeps/bad/results.jsonl: line 1: missing key(s) "
+                                           "status, config\n")

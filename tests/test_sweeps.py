@@ -750,3 +750,184 @@ def test_bad_search_space_is_refused_before_ray_starts(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# -- issue 17 item 7: object storage (an S3-compatible server of the test's own: moto's server mode)
+
+def _member_row(seed: int, step: int, score: float = 1.0) -> dict:
+    return {"trial_id": "t", "config": {"seed": seed, "d_coef": 0.2}, "phase": "train", "quant": "fp32", "step": step,
+            "status": "ok", "score": score}
+
+
+def _bucket_rows(s3, bucket: str, key: str) -> list[dict]:
+    data = s3.get(bucket, key)
+    return [] if data is None else [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def test_remote_out_is_staged_outside_the_checkout_mirrored_to_the_store_and_checked(sweeps_run, capsys, monkeypatch,
+                                                                                    tmp_path):
+    """A remote OUT without Ray: the staging copy's place, the endpoint in the environment or in the
+    URI, refusals before Ray starts, results.jsonl mirrored as rows arrive, sweep.json and --resume
+    read from the store, and a driver on another machine continuing from the store's files."""
+    import pickle
+
+    from sweeps import storage
+    from sweeps.results import read_rows, write_rows, write_sweep_meta
+    from sweeps.tune_adapter import StreamRows
+    from s3_server import moto_s3
+
+    with moto_s3(tmp_path / "moto.log") as s3:
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+        s3.create_bucket("sweeps")
+        out, in_uri = "s3://sweeps/d_coef", "s3://sweeps/d_coef" + s3.query  # endpoint: environment / URI
+        staging = tmp_path / "cache" / "remote" / "s3" / "sweeps" / "d_coef"
+        assert sweeps_run._local_out(out) == sweeps_run._local_out(in_uri) == staging
+        assert sweeps_run._storage(in_uri) == (True, "s3://sweeps/d_coef/ray" + s3.query)  # the query stays last
+        monkeypatch.delenv("DISTILL_CACHE")
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert sweeps_run._local_out(out) == tmp_path / "home/.cache/distill-sweeps/remote/s3/sweeps/d_coef"
+        monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+        assert REPO not in staging.parents
+
+        # refused in one line before Ray starts: a bucket that is not there, nothing to resume
+        assert "--out s3://nobucket/x: no bucket 'nobucket'" in _refusal(sweeps_run, capsys, tmp_path, "--out",
+                                                                           "s3://nobucket/x")
+        assert _refusal(sweeps_run, capsys, tmp_path, "--out", in_uri, "--resume") == (
+            "error: --resume: nothing to resume at s3://sweeps/d_coef (no Tune experiment state in it); drop --resume "
+            "to start the sweep there")
+
+        # rows: the first report is uploaded at once, later ones at most every few seconds and at the end
+        stream = StreamRows(tmp_path / "another-machine", remote=in_uri)  # the staging copy is recomputed here
+        stream.on_trial_result(0, [], None, {"row_json": json.dumps([_member_row(1, 10), _member_row(2, 10)])})
+        assert stream.out == staging
+        assert [(r["config"]["seed"], r["step"]) for r in _bucket_rows(s3, "sweeps", "d_coef/results.jsonl")] == \
+            [(1, 10), (2, 10)]
+        stream.on_trial_result(0, [], None, {"row_json": json.dumps([_member_row(1, 10, 9.0), _member_row(1, 20)])})
+        assert len(read_rows(staging)) == 3
+        stream.on_experiment_end([])
+        rows = _bucket_rows(s3, "sweeps", "d_coef/results.jsonl")
+        assert [(r["config"]["seed"], r["step"], r["score"]) for r in rows] == [(1, 10, 1.0), (2, 10, 1.0), (1, 20, 1.0)]
+        restored = pickle.loads(pickle.dumps(stream))
+        assert (restored.remote, restored.stream, restored.mirror) == (in_uri, None, None)
+
+        # sweep.json in the store: --resume is checked against it (the staging copy is not consulted)
+        own = ["--preset", "smoke", "--grid", "d_coef"]
+        parsed = sweeps_run.build_parser().parse_args(["--out", in_uri, *own])
+        base, _ = sweeps_run.validate_args(parsed)
+        write_sweep_meta(staging, {**sweeps_run.sweep_identity(parsed, base), "created": "then"})
+        storage.upload_results(staging, in_uri, report=False)
+        s3.put("sweeps", "d_coef/ray/sweep/" + sweeps_run.TUNER_STATE, b"")
+        (staging / "sweep.json").unlink()
+        assert "--resume at s3://sweeps/d_coef: --seeds 2 here, --seeds 1 in the sweep being resumed" in \
+            _refusal(sweeps_run, capsys, tmp_path, "--out", out, "--resume", *own, "--seeds", "2")
+        sweeps_run.validate_args(sweeps_run.build_parser().parse_args(["--out", out, "--resume", *own]))
+
+        # the sweep's Tuner streams rows to the store; a restored one is pointed at this command's --out
+        from ray import tune
+
+        configs = sweeps_run.trial_configs(parsed, base, {"large": "t.pt", "small": "s.pt"}, "large", {})
+        tuner = sweeps_run._new_tuner(parsed, tune.with_resources(lambda config: None, {"cpu": 1}), configs, base,
+                                      sweeps_run._storage(in_uri)[1], staging)
+        [callback] = tuner._local_tuner.get_run_config().callbacks
+        assert (callback.out, callback.remote) == (staging, in_uri)
+        sweeps_run._retarget_rows(tuner, staging, out)
+        assert (callback.out, callback.remote) == (staging, out)
+
+        # a driver elsewhere (another cache) starts from the store's files; a stale copy of another
+        # sweep is replaced, a copy of the same sweep keeps the rows it wrote after the last upload
+        elsewhere = tmp_path / "elsewhere"
+        write_rows(elsewhere, [_member_row(7, 10)])
+        storage.download_results(in_uri, elsewhere)
+        assert read_rows(elsewhere) == rows and (elsewhere / "sweep.json").read_bytes() == \
+            s3.get("sweeps", "d_coef/sweep.json")
+        write_rows(elsewhere, rows + [_member_row(2, 20)])
+        storage.download_results(in_uri, elsewhere)
+        assert read_rows(elsewhere)[-1] == _member_row(2, 20) and len(read_rows(elsewhere)) == 4
+        empty = tmp_path / "empty"
+        write_rows(empty, rows)
+        storage.download_results("s3://sweeps/nothing-here" + s3.query, empty)
+        assert not (empty / "results.jsonl").exists()
+
+        # the end of a sweep: the result files and the report go to the store, the inputs stay here
+        (staging / "report" / "tables").mkdir(parents=True)
+        (staging / "report" / "report.md").write_text("# report\n")
+        (staging / "report" / "tables" / "d_coef.md").write_text("| d_coef |\n")
+        (staging / "_setup").mkdir()
+        (staging / "_setup" / "teacher.pt").write_bytes(b"x")
+        storage.upload_results(staging, in_uri)
+        assert [k for k in s3.keys("sweeps", "d_coef/") if not k.endswith("/") and "/ray/" not in k] == [
+            "d_coef/report/report.md", "d_coef/report/tables/d_coef.md", "d_coef/results.jsonl", "d_coef/sweep.json"]
+
+
+def _row_key(row: dict) -> tuple:
+    return row["trial_id"], row["config"]["seed"], row["phase"], row["quant"], row["step"], row["status"]
+
+
+@pytest.mark.slow
+def test_sweep_in_an_s3_bucket_survives_a_killed_driver_and_resumes_and_reports_from_the_bucket(tmp_path):
+    """--out s3://... on a local S3-compatible server: Tune's storage in the bucket, rows streamed to
+    it, the driver killed (its process group, which holds Ray's processes too) once rows are there,
+    --resume (the endpoint given in the URI the first time, in the environment the second), then
+    the report built from the bucket's copy and straight from the bucket."""
+    from s3_server import moto_s3
+
+    with moto_s3(tmp_path / "moto.log") as s3:
+        s3.create_bucket("sweeps")
+        cache = tmp_path / "cache"
+        env = {**os.environ, "MUJOCO_GL": "disable", "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local",
+               "DISTILL_CACHE": str(cache), "HOME": str(tmp_path / "home"), **s3.env(endpoint=False)}
+        args = ["--grid", "d_coef", "--preset", "smoke"]
+        with open(tmp_path / "first.out", "w") as stdout, open(tmp_path / "first.err", "w") as stderr:
+            driver = subprocess.Popen([*RUN, *args, "--out", "s3://sweeps/x" + s3.query], env=env, cwd=REPO,
+                                      stdout=stdout, stderr=stderr, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while len(_bucket_rows(s3, "sweeps", "x/results.jsonl")) < 4:  # a few trials' first evaluations
+                assert driver.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no rows in the bucket after 10 minutes"
+                time.sleep(1)
+            assert "x/ray/sweep/tuner.pkl" in s3.keys("sweeps", "x/ray/")
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started: Ray included
+            driver.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _process_group(driver.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _process_group(driver.pid)
+        before = _bucket_rows(s3, "sweeps", "x/results.jsonl")
+        meta = s3.get("sweeps", "x/sweep.json")
+        assert 0 < len(before) < 8 * 2 * 2 and json.loads(meta)["grid"] == "d_coef"  # killed partway
+
+        again = _run(*args, "--out", "s3://sweeps/x", "--resume", timeout=900, DISTILL_CACHE=str(cache),
+                     HOME=str(tmp_path / "home"), **s3.env())
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "results: s3://sweeps/x/results.jsonl" in again.stdout
+        assert "Failed to fetch metrics" not in again.stderr
+        rows = _bucket_rows(s3, "sweeps", "x/results.jsonl")
+        keys = [_row_key(r) for r in rows]
+        assert len(keys) == len(set(keys)) == 8 * 2 * 2  # 8 trials x (2 train + 2 final evaluations), once each
+        assert {_row_key(r) for r in before} <= set(keys)
+        assert sorted({r["config"]["d_coef"] for r in rows}) == [0.0, 0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9]
+        assert all(r["status"] == "ok" for r in rows)
+        assert s3.get("sweeps", "x/sweep.json") == meta  # the resumed sweep keeps its record
+        assert "x/report/report.md" in s3.keys("sweeps", "x/report/")
+        staging = cache / "remote" / "s3" / "sweeps" / "x"
+        assert (staging / "results.jsonl").read_bytes() == s3.get("sweeps", "x/results.jsonl")
+        assert not (REPO / "runs" / ".remote" / "sweeps" / "x").exists()
+
+        copy = tmp_path / "copy"  # the bucket's result files, downloaded: all a report needs
+        copy.mkdir()
+        for name in ("sweep.json", "results.jsonl"):
+            (copy / name).write_bytes(s3.get("sweeps", f"x/{name}"))
+        report = subprocess.run([sys.executable, str(REPO / "analysis" / "report.py"), str(copy)], capture_output=True,
+                                text=True, timeout=300, cwd=tmp_path)
+        assert report.returncode == 0, report.stderr[-3000:]
+        text = (copy / "report" / "report.md").read_text()
+        assert "| d_coef | score |" in text and "runs (trial × seed): 8 (0 failed)" in text
+        direct = subprocess.run([sys.executable, str(REPO / "analysis" / "report.py"), "s3://sweeps/x" + s3.query,
+                                 "--out", str(tmp_path / "direct")], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path, env={**os.environ, **s3.env(endpoint=False)})
+        assert direct.returncode == 0, direct.stderr[-3000:]
+        assert (tmp_path / "direct" / "report.md").read_text() == text

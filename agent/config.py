@@ -161,6 +161,10 @@ QUANT_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8_naive", "int8", "m
 # training precision of the population executor: fp32 (TF32 matmuls on CUDA) or the model loss
 # under bf16 autocast (CUDA only; weights, Adam state and the policy loss stay fp32)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+# torch.compile of the population update / the planner's value estimate (agent.compiled): auto =
+# on for CUDA, off for CPU; modes are torch.compile's (CUDA-graph modes on CUDA only)
+COMPILE_SETTINGS: tuple[str, ...] = ("auto", "on", "off")
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -229,6 +233,8 @@ class TrainConfig:
     fast_kernels: bool = True    # agent.train_kernels (False: the model's own methods, reference path)
     fused_adam: bool = True      # torch's fused Adam kernel (False: the per-op reference implementation)
     compile_mish: bool = True    # fuse Mish with torch.compile (falls back to eager if unavailable)
+    compile: str = "auto"        # torch.compile the population update (auto: on CUDA; see agent.compiled)
+    compile_mode: str | None = None  # torch.compile mode (None: "default"); CUDA-graph modes need CUDA
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -239,6 +245,11 @@ class TrainConfig:
             raise ConfigError("train: lr, pi_adam_eps and grad_clip_norm must be > 0 and enc_lr_scale >= 0")
         if not 0 <= self.tau <= 1:
             raise ConfigError(f"train: tau must lie in [0, 1], got {self.tau}")
+        if self.compile not in COMPILE_SETTINGS:
+            raise ConfigError(f"train: compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"train: compile_mode must be one of {', '.join(COMPILE_MODES)} or null, "
+                              f"got {self.compile_mode!r}")
         self.loss.validate()
         self.distill.validate()
         return self

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from agent import ops
+from agent import compiled, ops
 from agent.config import PlannerConfig, discount_for
 from agent.rollout import PlanningKernels
 from agent.runtime import keep_freed_memory
@@ -30,10 +30,15 @@ class Agent:
     used for the terminal value is the only draw shared by the batch (moot for num_q = 2).
     """
 
-    def __init__(self, model: WorldModel, seed: int | None = None, **overrides: Any):
+    def __init__(self, model: WorldModel, seed: int | None = None, compile: str = "auto", **overrides: Any):
         keep_freed_memory()
         self.model = model
         self.cfg = PlannerConfig().override(**overrides)
+        # torch path only: the value estimate as `agent.compiled.reference_value` under torch.compile
+        # ("auto": on CUDA; "reduce-overhead" CUDA graphs there unless compile_mode says otherwise)
+        compiled.check_setting(compile)
+        self.compile, self.compile_mode = compile, None
+        self._compiled_value: compiled.Compiled | None = None
         self.discount = discount_for(self.cfg.episode_length, self.cfg.discount_denom, self.cfg.discount_min,
                                      self.cfg.discount_max)
         self._prev_mean: torch.Tensor | None = None  # (E, horizon, action_dim)
@@ -163,6 +168,7 @@ class Agent:
             keep = ~t0
             mean[keep, :-1] = self._prev_mean[keep, 1:]
         z_samples = z0.repeat_interleave(S, 0)  # (E * S, L)
+        task_s = task.repeat_interleave(S, 0) if task is not None else None
         mask_s = env_mask.repeat_interleave(S, 0)
         mask_b = env_mask.view(1, E, 1, A)
         for _ in range(cfg.iterations):
@@ -172,7 +178,7 @@ class Agent:
             actions.mul_(mask_b)
             terminal_eps = self._randn(streams, (S, A), obs.device).view(E * S, A)
             value = self._estimate_value(nets, z_samples, actions.view(H, E * S, A), mask_s,
-                                         terminal_eps).nan_to_num(0).view(E, S)
+                                         terminal_eps, task_s).nan_to_num(0).view(E, S)
             elite_value, elite_idx = torch.topk(value, K, dim=1)  # (E, K)
             elite_actions = torch.gather(actions, 2, elite_idx.view(1, E, K, 1).expand(H, E, K, A))  # (H, E, K, A)
             score = torch.exp(cfg.temperature * (elite_value - elite_value.max(1, keepdim=True).values))
@@ -193,13 +199,16 @@ class Agent:
         return action.clamp(-1, 1)
 
     def _estimate_value(self, nets: PlanningKernels, z: torch.Tensor, actions: torch.Tensor,
-                        mask: torch.Tensor, terminal_eps: torch.Tensor | None = None) -> torch.Tensor:
+                        mask: torch.Tensor, terminal_eps: torch.Tensor | None = None,
+                        task: torch.Tensor | None = None) -> torch.Tensor:
         """z: (E * S, L), actions: (H, E * S, A) -> discounted return + terminal value (E * S, 1);
-        terminal_eps: (E * S, A) policy noise of the terminal action (drawn if None).
+        terminal_eps: (E * S, A) policy noise of the terminal action (drawn if None); task: (E * S,)
+        the rows' task ids (needed by the compiled path of a multi-task model).
 
         On CPU with the native kernels, one `native.ValueNet` call does it all (blocks of rows on
-        `self.workers` OpenMP threads); otherwise rows are processed in chunks (`row_chunks`)
-        spread over `self.workers` Python threads."""
+        `self.workers` OpenMP threads); else, with `compile` on (auto: CUDA), all rows in one call
+        of the compiled `agent.compiled.reference_value`; otherwise rows are processed in chunks
+        (`row_chunks`) spread over `self.workers` Python threads."""
         samples = self.cfg.num_samples
         heads = self._q_heads(z.device)
         workers = max(1, self.workers or torch.get_num_threads()) if z.device.type == "cpu" else 1
@@ -207,6 +216,12 @@ class Agent:
             value_net = nets.value_net(heads, samples, actions.shape[0], self.discount)
             if value_net is not None:  # the whole estimate in one native call
                 return value_net(z, actions, mask, terminal_eps, threads=workers)
+        if compiled.wanted(self.compile, z.device) and (task is not None or not self.model.multitask):
+            if self._compiled_value is None:
+                self._compiled_value = compiled.Compiled(
+                    compiled.reference_value, "torch.compile of the MPPI value estimate",
+                    compiled.resolve_mode(self.compile_mode, z.device, cuda_default="reduce-overhead"))
+            return self._compiled_value(self.model, z, actions, task, terminal_eps, heads, self.discount)
         out = torch.empty(z.shape[0], 1, device=z.device)
 
         def run(chunks: list[tuple[slice, slice]]) -> None:

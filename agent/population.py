@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from agent.checkpoint import atomic_torch_save, read_checkpoint
+from agent.compiled import maybe_compile
 from agent.config import PRECISIONS, ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, TeacherTargets
 from agent.errors import CheckpointError, ConfigError
@@ -148,7 +149,10 @@ class Population:
         self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in self.seeds]
         self.step = 0
         self._rate_window: list[float] = []
-
+        self._model_update = maybe_compile(self._model_step, "torch.compile of the population's model update",
+                                           cfg.compile, self.device, cfg.compile_mode)
+        self._policy_update = maybe_compile(self._policy_step, "torch.compile of the population's policy update",
+                                            cfg.compile, self.device, cfg.compile_mode)
 
     # -- functional calls (one member; vmapped over K) ----------------------------------------
     @staticmethod
@@ -158,6 +162,14 @@ class Population:
         targets) stay None."""
         dims = tuple(None if a is None else 0 for a in args[:-1]) + (None,)
         return vmap(grad_and_value(fn, has_aux=True), in_dims=dims, randomness="different")(*args)
+
+    # the two vmapped steps, each its own function: what cfg.compile compiles (agent.compiled;
+    # one def each, so torch.compile keeps one cache per step)
+    def _model_step(self, *args: Any) -> Any:
+        return self._per_member(self._model_call, *args)
+
+    def _policy_step(self, *args: Any) -> Any:
+        return self._per_member(self._policy_call, *args)
 
     def _model_call(self, params, fixed, obs, action, reward, task, teacher_reward, teacher_latent, eps_td, discount):
         weights = {f"model.{n}": v for n, v in {**params, **fixed}.items()}
@@ -246,9 +258,9 @@ class Population:
         model_params = {n: self.params[n] for n in self.model_names}
         pi_params = {n: self.params[n] for n in self.pi_names}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            grads, (total, (terms, zs)) = self._per_member(self._model_call, model_params, {**pi_params, **self.targets},
-                                                           obs, action, reward, task, teacher_reward, teacher_latent,
-                                                           eps_td, self.discount)
+            grads, (total, (terms, zs)) = self._model_update(model_params, {**pi_params, **self.targets},
+                                                             obs, action, reward, task, teacher_reward, teacher_latent,
+                                                             eps_td, self.discount)
         if self.precision == "bf16":
             zs = zs.float()  # the policy loss runs in fp32
         grad_norm = self._clip(self.model_names, grads)
@@ -257,8 +269,8 @@ class Population:
 
         self._renorm_task_emb(task)
         other = {n: self.params[n] for n in self.model_names}
-        pi_grads, (pi_loss, (self.scale_values, entropy)) = self._per_member(self._policy_call, pi_params, other, zs.detach(), task,
-                                                                  eps_pi, self.scale_values, None)
+        pi_grads, (pi_loss, (self.scale_values, entropy)) = self._policy_update(pi_params, other, zs.detach(), task,
+                                                                                eps_pi, self.scale_values, None)
         pi_grad_norm = self._clip(self.pi_names, pi_grads)
         self.pi_optim.step()
         self.pi_optim.zero_grad(set_to_none=True)

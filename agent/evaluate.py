@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from agent.envs import DMCEnv, TaskSet, check_task, make_env, pad_obs
+from agent.envs import DMCEnv, TaskSet, check_task
+from agent.envs.workers import EnvSpec, EnvWorkers, LocalEnvs, build_env, env_group
 from agent.errors import ConfigError
 from agent.planner import Agent
 from agent.tasksets import EPISODE_LENGTH, MT30
@@ -51,9 +52,10 @@ def _task_set(model: WorldModel, tasks: Sequence[str], task_set: Sequence[str] |
     return ts
 
 
-def _make_agent(model: WorldModel, plan: bool, seed: int, overrides: dict[str, Any] | None) -> Agent:
+def _make_agent(model: WorldModel, plan: bool, seed: int, overrides: dict[str, Any] | None,
+                compile: str = "auto") -> Agent:
     settings = {"seed": seed, **(overrides or {}), "mpc": plan}
-    return Agent(model, **settings)
+    return Agent(model, compile=compile, **settings)
 
 
 def _act(agent: Agent, obs: np.ndarray, task_ids: torch.Tensor | None, t0: bool) -> np.ndarray:
@@ -65,35 +67,31 @@ def _act(agent: Agent, obs: np.ndarray, task_ids: torch.Tensor | None, t0: bool)
 
 def _env_at_episode(task: str, seed: int, episode: int, max_steps: int | None) -> DMCEnv:
     """An env of `task` built with `seed` and reset `episode` times, so its next reset is episode `episode`."""
-    env = make_env(task, seed)
-    for _ in range(episode):
-        env.reset()
-    if max_steps is not None:
-        env.max_episode_steps = max_steps
-    return env
+    return build_env(EnvSpec(task, seed, episode, max_steps))
 
 
-def _run_lockstep(agent: Agent, envs: list[DMCEnv], slots: list[_Slot], ts: TaskSet, multitask: bool,
-                  bar: tqdm) -> np.ndarray:
+def _run_lockstep(agent: Agent, envs: list[DMCEnv] | LocalEnvs | EnvWorkers, slots: list[_Slot], ts: TaskSet,
+                  multitask: bool, bar: tqdm) -> np.ndarray:
     """Run one episode in each env, all in lockstep (one agent call per step). Returns (E,) float32 returns.
 
-    Each (task, episode) plans with its own random stream, so batching does not change its noise."""
-    num_envs = len(envs)
+    `envs`: a list of environments (stepped here) or an env group (`agent.envs.workers`: in this
+    process or in worker processes). Each (task, episode) plans with its own random stream, so
+    batching does not change its noise."""
+    group = envs if isinstance(envs, (LocalEnvs, EnvWorkers)) else LocalEnvs(envs, ts.obs_pad)
+    num_envs = len(group)
     task_ids = [s.task_id for s in slots]
     agent.set_env_keys([s.task_id * 1_000_003 + s.episode for s in slots])
-    obs = np.stack([pad_obs(env.reset(), ts.obs_pad) for env in envs])  # (E, obs_pad)
+    obs = group.reset()  # (E, obs_pad)
     ids = torch.tensor(task_ids, dtype=torch.long) if multitask else None
     returns = np.zeros(num_envs, np.float32)
     running = np.ones(num_envs, bool)
     t = 0
     while running.any():
         actions = _act(agent, obs, ids, t0=t == 0)  # finished envs keep their last obs; their actions are unused
+        obs, reward, done = group.step(actions, running)
         for i in np.flatnonzero(running):
-            env = envs[i]
-            o, reward, terminated, truncated, _ = env.step(actions[i, :env.action_dim])
-            obs[i, :env.obs_dim] = o
-            returns[i] += np.float32(reward)
-            running[i] = not (terminated or truncated)
+            returns[i] += np.float32(reward[i])
+            running[i] = not done[i]
         t += 1
         bar.update(1)
     return returns
@@ -102,7 +100,7 @@ def _run_lockstep(agent: Agent, envs: list[DMCEnv], slots: list[_Slot], ts: Task
 def evaluate(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, plan: bool = True,
              agent_overrides: dict[str, Any] | None = None, progress: bool = True,
              task_set: Sequence[str] | None = None, batched: bool = True,
-             max_steps: int | None = None) -> pd.DataFrame:
+             max_steps: int | None = None, env_workers: int = 0, compile: str = "auto") -> pd.DataFrame:
     """Evaluate `model` on `tasks` (names) for `episodes` episodes each.
 
     plan: MPPI (True) or the policy prior's mean action (False).
@@ -112,6 +110,12 @@ def evaluate(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, 
         `cfg.tasks`, MT30 for MT30 models).
     batched: lockstep over all (task, episode) envs (True) or the sequential official loop (False).
     max_steps: shorter episodes for tests (default: the official 500 agent steps).
+    env_workers: step the lockstep environments in this many worker processes (each owns a slice
+        of the (task, episode) environments, built from the same seeds; `agent.envs.workers`), so
+        MuJoCo does not serialize behind the planner; 0 steps them in this process. The returns
+        are the same either way. The sequential loop (batched=False) always runs in-process.
+    compile: the planner's value estimate under torch.compile: "auto" (on for CUDA models), "on",
+        "off" (see `agent.compiled`).
 
     Returns one row per (task, episode): task, episode, return (float32 running sum), score = return / 10.
     """
@@ -122,17 +126,19 @@ def evaluate(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, 
         raise ConfigError("evaluate: no tasks given")
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"evaluate: max_steps must be >= 1, got {max_steps}")
+    if env_workers < 0:
+        raise ConfigError(f"evaluate: env_workers must be >= 0, got {env_workers}")
     ts = _task_set(model, tasks, task_set)
     multitask = bool(getattr(model, "multitask", True))
-    agent = _make_agent(model, plan, seed, agent_overrides)
+    agent = _make_agent(model, plan, seed, agent_overrides, compile)
     slots = [_Slot(task, ts.task_id(task), k) for task in tasks for k in range(episodes)]
     steps = max_steps or EPISODE_LENGTH
     total = steps if batched else steps * len(slots)
     desc = f"eval {len(tasks)} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         if batched:
-            envs = [_env_at_episode(s.task, seed, s.episode, max_steps) for s in slots]
-            returns = _run_lockstep(agent, envs, slots, ts, multitask, bar)
+            with env_group([EnvSpec(s.task, seed, s.episode, max_steps) for s in slots], ts.obs_pad, env_workers) as envs:
+                returns = _run_lockstep(agent, envs, slots, ts, multitask, bar)
         else:
             returns = np.zeros(len(slots), np.float32)
             i = 0

@@ -98,10 +98,26 @@ class Evaluation:
     se: float | None  # standard error of the mean-over-tasks score from the episode spread (None: 1 episode)
 
 
+def eval_env_workers(device: torch.device) -> int:
+    """Environment worker processes of an evaluation on `device`: $DISTILL_EVAL_ENV_WORKERS if set,
+    else min(8, CPUs - 1) on CUDA (MuJoCo steps beside the GPU's planning) and 0 on CPU (the
+    planner needs the cores)."""
+    override = os.environ.get("DISTILL_EVAL_ENV_WORKERS", "").strip()
+    if override:
+        return max(0, int(override))
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus - 1))
+
+
 def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str], seed: int) -> Evaluation:
+    weights = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    device = weights.device if weights is not None else torch.device("cpu")
     df = evaluate(model, cfg.eval_tasks or tasks, cfg.eval_episodes, seed=seed, plan=cfg.eval_plan,
                   agent_overrides=dict(cfg.eval_planner), progress=False, task_set=tasks,
-                  max_steps=cfg.eval_max_steps)
+                  max_steps=cfg.eval_max_steps, env_workers=eval_env_workers(device),
+                  compile=train_config(cfg).compile)
     normalized_score(df)  # raises on an empty evaluation
     per_task = df.groupby("task", sort=False)["score"]
     if per_task.count().min() < 2:  # one episode per task: no spread to estimate the error from

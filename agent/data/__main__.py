@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, type=Path, help="teacher checkpoint file")
     p.add_argument("--pca-dim", type=int, default=None, help="also cache teacher latents projected to K dims")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-rows", type=int, default=4096)
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="store entries per teacher call (default 4096 on CPU, 65536 on CUDA)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_teacher_cache)
     return parser

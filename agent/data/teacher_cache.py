@@ -27,13 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +46,9 @@ from agent.data.sampler import window_rows
 from agent.data.store import TEACHER_CACHE_DIR, EpisodeStore, StoreError
 
 KEY_CHARS = 16
+# store entries per teacher call: a GPU is kept busy only by large batches (a 317M teacher at
+# 65536 rows holds a few GB of activations)
+DEFAULT_BATCH_ROWS = {"cpu": 4096, "cuda": 65536}
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ class TeacherCache:
         device: str = "cpu",
         *,
         cache_root: str | os.PathLike | None = None,
-        batch_rows: int = 4096,
+        batch_rows: int | None = None,
+        prefetch: int = 2,
         pca_fit_rows: int = 65536,
         seed: int = 0,
         teacher_factory: TeacherFactory | None = None,
@@ -134,6 +140,9 @@ class TeacherCache:
         cache_root defaults to STORE/teacher_cache; pass another directory for a read-only store.
         teacher_factory(path, device) -> TeacherFunctions is called only if something must be built.
         lock_timeout: seconds to wait for another builder (-1 = forever).
+        batch_rows: store entries per teacher call (None: DEFAULT_BATCH_ROWS of the device type).
+        prefetch: blocks read ahead (and written behind) on background threads while the teacher
+        runs (0: one block after another in this thread; the cache bytes are the same).
         """
         store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
         teacher_path = Path(teacher_path)
@@ -153,7 +162,11 @@ class TeacherCache:
                 teacher.append((teacher_factory or load_teacher)(teacher_path, device))
             return teacher[0]
 
-        build = _Builder(store, device, batch_rows, progress)
+        if batch_rows is None:
+            batch_rows = DEFAULT_BATCH_ROWS.get(torch.device(device).type, DEFAULT_BATCH_ROWS["cpu"])
+        if batch_rows < 1 or prefetch < 0:
+            raise ValueError(f"batch_rows must be >= 1 and prefetch >= 0, got {batch_rows} and {prefetch}")
+        build = _Builder(store, device, batch_rows, progress, prefetch)
         meta = {"teacher_sha256": teacher_sha, "teacher_file": str(teacher_path.absolute()),
                 "store_uid": store.uid, "episodes": store.num_episodes, "episode_length": store.episode_length}
         reward_dir = _ensure_part(directory / "reward", meta, lock_timeout,
@@ -220,23 +233,143 @@ def _ensure_part(part: Path, meta: dict, lock_timeout: float, build: Callable[[P
     return part
 
 
+_END = object()
+POLL_S = 0.05
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item`, waiting for room unless `stop` is set (then False)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    """The next item, or _END once `stop` is set and nothing is left."""
+    while True:
+        try:
+            return q.get(timeout=POLL_S)
+        except queue.Empty:
+            if stop.is_set():
+                return _END
+
+
+def pipelined(blocks: Sequence, read: Callable, compute: Callable, write: Callable, depth: int) -> None:
+    """write(b, compute(b, read(b))) for every block b, in order.
+
+    depth 0: one after another in this thread. depth >= 1: a reader thread runs up to `depth`
+    blocks ahead (read: memmap -> host tensors) and a writer thread up to `depth` blocks behind
+    (write: waits for the block's device->host copy, then stores it), so `compute` (the teacher,
+    in this thread) never waits for the disk. The same calls on the same blocks either way, so the
+    results are identical. An error in any of the three stops the others and is raised here."""
+    if depth <= 0:
+        for b in blocks:
+            write(b, compute(b, read(b)))
+        return
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    loaded: queue.Queue = queue.Queue(depth)
+    computed: queue.Queue = queue.Queue(depth)
+
+    def reader() -> None:
+        try:
+            for b in blocks:
+                if not _put(loaded, (b, read(b)), stop):
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            _put(loaded, _END, stop)
+
+    def writer() -> None:
+        try:
+            while (item := _get(computed, stop)) is not _END:
+                write(*item)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, name="teacher-cache-reader", daemon=True),
+               threading.Thread(target=writer, name="teacher-cache-writer", daemon=True)]
+    for thread in threads:
+        thread.start()
+    finished = False
+    try:
+        while not errors and (item := _get(loaded, stop)) is not _END:
+            b, host = item
+            _put(computed, (b, compute(b, host)), stop)
+        finished = not errors
+    finally:
+        if finished:
+            _put(computed, _END, stop)  # the writer stores everything queued, then exits
+            threads[1].join()
+        stop.set()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
 @dataclass(frozen=True)
 class _Builder:
-    """Batched teacher forward passes over the store (no_grad, blocks of whole episodes)."""
+    """Batched teacher forward passes over the store (no_grad, blocks of whole episodes).
+
+    The store is streamed through `pipelined`: with `prefetch` >= 1 the next blocks are read from
+    the memmap (into pinned host memory on CUDA, copied to the device without blocking) while the
+    teacher runs the current one, and finished blocks are copied back and written behind it."""
 
     store: EpisodeStore
     device: str
     batch_rows: int
     progress: bool
+    prefetch: int = 2
 
-    def _blocks(self, rows_per_episode: int, desc: str):
+    @property
+    def _cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    def _blocks(self, rows_per_episode: int) -> list[tuple[int, int]]:
         per_block = max(1, self.batch_rows // rows_per_episode)
         N = self.store.num_episodes
-        for lo in tqdm(range(0, N, per_block), desc=desc, unit="block", disable=not self.progress):
-            yield lo, min(lo + per_block, N)
+        return [(lo, min(lo + per_block, N)) for lo in range(0, N, per_block)]
 
-    def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(x)).to(self.device)  # copy: memmap slices are read-only
+    def _host(self, x: np.ndarray) -> torch.Tensor:
+        """A host tensor of `x` (a copy: memmap slices are read-only), pinned for a CUDA device."""
+        t = torch.from_numpy(np.array(x))
+        return t.pin_memory() if self._cuda else t
+
+    def _tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = x if isinstance(x, torch.Tensor) else self._host(x)
+        return t.to(self.device, non_blocking=True)
+
+    def _to_host(self, t: torch.Tensor):
+        """(host tensor, event or None): a non-blocking copy into pinned memory on CUDA; `_stored` waits for it."""
+        if not self._cuda:
+            return t.cpu(), None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _stored(result) -> np.ndarray:
+        host, event = result
+        if event is not None:
+            event.synchronize()
+        return host.numpy()
+
+    def _run(self, blocks, read, compute, write, desc: str) -> None:
+        with tqdm(total=len(blocks), desc=desc, unit="block", disable=not self.progress) as bar:
+            def write_and_count(b, result):
+                write(b, result)
+                bar.update(1)
+
+            pipelined(blocks, read, compute, write_and_count, self.prefetch)
 
     @torch.no_grad()
     def teacher_reward(self, tmp: Path, teacher: TeacherFunctions) -> dict:
@@ -244,12 +377,22 @@ class _Builder:
         N, L = s.num_episodes, s.episode_length
         out = np.lib.format.open_memmap(tmp / "teacher_reward.npy", mode="w+", dtype=np.float32, shape=(N, L))
         out[:, 0] = np.nan
-        for lo, hi in self._blocks(L - 1, "teacher rewards"):
-            obs = self._tensor(s.obs[lo:hi, :-1].reshape(-1, s.obs_dim))
-            action = self._tensor(s.action[lo:hi, 1:].reshape(-1, s.action_dim))
-            task = self._tensor(np.repeat(s.task[lo:hi], L - 1))
-            predicted = teacher.reward(obs, action, task).float().reshape(hi - lo, L - 1)
-            out[lo:hi, 1:] = predicted.cpu().numpy()
+
+        def read(b):
+            lo, hi = b
+            return (self._host(s.obs[lo:hi, :-1].reshape(-1, s.obs_dim)),
+                    self._host(s.action[lo:hi, 1:].reshape(-1, s.action_dim)),
+                    self._host(np.repeat(s.task[lo:hi], L - 1)))
+
+        def compute(b, host):
+            lo, hi = b
+            obs, action, task = (self._tensor(t) for t in host)
+            return self._to_host(teacher.reward(obs, action, task).float().reshape(hi - lo, L - 1))
+
+        def write(b, result):
+            out[b[0]:b[1], 1:] = self._stored(result)
+
+        self._run(self._blocks(L - 1), read, compute, write, "teacher rewards")
         out.flush()
         return {"kind": "teacher_reward", "batch_rows": self.batch_rows, "device": self.device}
 
@@ -278,11 +421,21 @@ class _Builder:
         np.save(tmp / "explained_variance_ratio.npy", (variance[:k] / variance.sum()).float().numpy())
         out = np.lib.format.open_memmap(tmp / "latent.npy", mode="w+", dtype=np.float32, shape=(N, L, k))
         mean_d, comp_d = mean32.to(self.device), components.to(self.device)
-        for lo, hi in self._blocks(L, f"teacher latents -> PCA {k}"):
-            obs = self._tensor(s.obs[lo:hi].reshape(-1, s.obs_dim))
-            task = self._tensor(np.repeat(s.task[lo:hi], L))
+
+        def read(b):
+            lo, hi = b
+            return self._host(s.obs[lo:hi].reshape(-1, s.obs_dim)), self._host(np.repeat(s.task[lo:hi], L))
+
+        def compute(b, host):
+            lo, hi = b
+            obs, task = (self._tensor(t) for t in host)
             projected = (teacher.latent(obs, task).float() - mean_d) @ comp_d.T
-            out[lo:hi] = projected.reshape(hi - lo, L, k).cpu().numpy()
+            return self._to_host(projected.reshape(hi - lo, L, k))
+
+        def write(b, result):
+            out[b[0]:b[1]] = self._stored(result)
+
+        self._run(self._blocks(L), read, compute, write, f"teacher latents -> PCA {k}")
         out.flush()
         return {"kind": "pca_latents", "pca_dim": k, "fit_rows": int(sample.size), "seed": seed,
                 "batch_rows": self.batch_rows, "device": self.device}

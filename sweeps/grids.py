@@ -11,7 +11,11 @@ from agent.errors import ConfigError
 from sweeps.config import TrialConfig
 
 PAPER_STEPS = (200_000, 337_000, 1_000_000)
-D_COEFS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9)
+D_COEFS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9)  # the paper's d_coef grid
+# The quick preset's d_coef grid: scratch, a small coefficient, the paper's best (~0.4) and its
+# worst (0.9). Four trials are two rounds of two parallel trials on 2 cores, which is what the
+# README's 20-minute budget holds; `--grid d_coef=0,0.05,...` runs any other values.
+QUICK_D_COEFS = (0.0, 0.1, 0.4, 0.9)
 BATCH_SIZES = (128, 256, 512, 1024)
 GRID_NAMES = ("d_coef", "batch_size", "steps", "teacher_size", "target", "quant", "paper")
 
@@ -27,10 +31,15 @@ def _steps_values(base: TrialConfig) -> list[int]:
     return sorted({max(1, round(base.steps * s / PAPER_STEPS[-1])) for s in PAPER_STEPS})
 
 
+def d_coef_values(base: TrialConfig) -> tuple[float, ...]:
+    """The named d_coef grid's values for the preset of `base`."""
+    return QUICK_D_COEFS if base.preset == "quick" else D_COEFS
+
+
 def grid_points(name: str, base: TrialConfig, teacher_sizes: list[str]) -> list[dict[str, Any]]:
     """Override dicts (each with its `ablation` label) for the named grid."""
     if name == "d_coef":
-        return [dict(ablation="d_coef", d_coef=v) for v in D_COEFS]
+        return [dict(ablation="d_coef", d_coef=v) for v in d_coef_values(base)]
     if name == "batch_size":
         return [dict(ablation="batch_size", batch_size=v) for v in BATCH_SIZES]
     if name == "steps":

@@ -265,3 +265,21 @@ def test_training_metrics_leave_out_a_diverged_member(smoke_inputs):
     assert sorted(logged) == [5, 10, 15, 20]
     assert sorted(logged[10]["seed"]) == ["1", "2", "3"] and sorted(logged[15]["seed"]) == ["1", "3"]
     assert all(math.isfinite(m["total"]) for m in logged.values())
+
+
+def test_quick_preset_settings_are_pinned():
+    """The quick preset's budget, sizes and grid were fixed on scratch students before any d_coef
+    was compared; a change here changes what the README's measured figures mean."""
+    from agent.mt_mini.benchmark import manifest
+    from sweeps.grids import grid_points
+
+    quick = preset_config("quick")
+    assert quick.student_dims == dict(enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16, num_q=2)
+    assert (quick.num_seeds, quick.steps, quick.batch_size, quick.lr) == (5, 3000, 256, 3e-3)
+    assert (quick.eval_every, quick.eval_episodes, quick.eval_max_steps) == (750, 3, 200)
+    assert quick.steps // quick.eval_every >= 4  # every learning curve has at least 4 points
+    assert [p["d_coef"] for p in grid_points("d_coef", quick, [])] == [0.0, 0.1, 0.4, 0.9]
+    assert [p["d_coef"] for p in grid_points("d_coef", preset_config("paper"), [])] == [
+        0.0, 0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9]
+    baseline = manifest()["baselines"]["untrained"]  # the MANIFEST's untrained student is the quick student
+    assert baseline["dims"] == quick.student_dims and baseline["params"] == 66_875

@@ -45,6 +45,13 @@ PLANNER: dict[str, Any] = {"num_samples": 128, "iterations": 3}  # reduced MPPI 
 EVAL_SEED = 12345                                # distinct from the training env seeds (seed * 1000 + k)
 
 
+def _student_dims() -> dict[str, int]:
+    """The quick preset's student: the untrained baseline of the MANIFEST is that model."""
+    from agent.mt_mini.benchmark import QUICK_DEFAULTS
+
+    return dict(QUICK_DEFAULTS["student_dims"])
+
+
 @dataclass(frozen=True)
 class TeacherRecipe:
     """One offline multi-task teacher: model dims, updates, batch size."""
@@ -77,7 +84,7 @@ class RecipeConfig:
     teachers: tuple[TeacherRecipe, ...] = (SMALL_TEACHER, LARGE_TEACHER)
     eval_episodes: int = 10
     eval_seed: int = EVAL_SEED
-    scratch_dims: dict[str, int] = field(default_factory=lambda: dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2))
+    scratch_dims: dict[str, int] = field(default_factory=_student_dims)
 
     def teacher(self, size: str) -> TeacherRecipe:
         for t in self.teachers:

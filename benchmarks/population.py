@@ -6,8 +6,8 @@
                  separate trials do), all started at once on this machine's cores
 
 Both sample batches from the same episode store and distil from cached teacher rewards (d_coef
-0.45), like a quick-preset trial. Student: the quick preset's shape on MT-mini's task count, batch
-128, horizon 3, one torch thread per process. Ratios are population / separate measured in this
+0.45), like a quick-preset trial. Student: the quick preset's shape, batch size and learning rate
+(agent.mt_mini.benchmark.QUICK_DEFAULTS) on five tasks, horizon 3, one torch thread per process. Ratios are population / separate measured in this
 run. The last output line is one JSON object.
 
     python benchmarks/population.py [--members 1,5,10] [--updates 60]
@@ -28,15 +28,16 @@ import torch
 from agent.checkpoint import save_world_model
 from agent.config import DistillConfig, TrainConfig, model_config
 from agent.data import write_store
+from agent.mt_mini.benchmark import QUICK_DEFAULTS
 from agent.world_model import WorldModel
 
 TASKS = ["cartpole-balance", "cup-catch", "reacher-easy", "walker-stand", "finger-spin"]
-STUDENT = dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2)
-BATCH = 128
+STUDENT = QUICK_DEFAULTS["student_dims"]  # the quick preset's student, batch and learning rate
+BATCH = QUICK_DEFAULTS["batch_size"]
 
 
 def _train_config() -> TrainConfig:
-    return TrainConfig(batch_size=BATCH, distill=DistillConfig(target="reward", d_coef=0.45))
+    return TrainConfig(batch_size=BATCH, lr=QUICK_DEFAULTS["lr"], distill=DistillConfig(target="reward", d_coef=0.45))
 
 
 def make_inputs(root: Path, episodes: int = 40, length: int = 51) -> tuple[Path, Path]:

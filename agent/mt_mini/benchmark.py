@@ -41,8 +41,8 @@ TEACHER_SIZES = ("small", "large")
 # states the measured wall time of the whole command.
 QUICK_DEFAULTS: dict[str, Any] = {
     # keys named as `sweeps.config.TrialConfig` fields (the quick preset copies the ones it knows)
-    # ~67k params: a 23k student (32/32/16/8) stayed within 1-2 points of the untrained one over
-    # 8000 updates at lr 3e-4 .. 3e-3; this one doubles it in 3000 updates at lr 3e-3
+    # ~67k params: a 23k student (32/32/16/8) stayed within 1-2 points of the untrained one (lr 3e-4
+    # up to 8000 updates, lr 1e-3 / 3e-3 up to 3000); this one about doubles it in 3000 at lr 3e-3
     "student_dims": dict(enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16, num_q=2),
     "num_seeds": 5,
     "steps": 3000,

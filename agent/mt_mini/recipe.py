@@ -66,7 +66,7 @@ class TeacherRecipe:
 # preset's 67k-parameter student (the paper: 1 : 48 : 317). The large teacher has the shape of the official 1M
 # preset (enc 256, mlp 384, latent 128) with 5 Q heads, like the large official presets.
 SMALL_TEACHER = TeacherRecipe("small", dict(enc_dim=144, mlp_dim=144, latent_dim=64, task_dim=16, num_q=2), steps=12000)
-LARGE_TEACHER = TeacherRecipe("large", dict(enc_dim=256, mlp_dim=384, latent_dim=128, task_dim=32, num_q=5), steps=12000)
+LARGE_TEACHER = TeacherRecipe("large", dict(enc_dim=256, mlp_dim=384, latent_dim=128, task_dim=32, num_q=5), steps=24000)
 
 
 @dataclass(frozen=True)

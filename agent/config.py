@@ -230,7 +230,7 @@ class TrainConfig:
     tau: float = 0.01
     seed: int = 1
     flush_denormal: bool = True  # SimNorm yields float32 denormals, which are very slow on x86
-    fast_kernels: bool = True    # agent.train_kernels (False: the model's own methods, reference path)
+    fast_kernels: bool = True    # agent.train_kernels; populations: the native member LayerNorm + Mish (False: reference ops)
     fused_adam: bool = True      # torch's fused Adam kernel (False: the per-op reference implementation)
     compile_mish: bool = True    # fuse Mish with torch.compile (falls back to eager if unavailable)
     compile: str = "auto"        # torch.compile the population update (auto: on CUDA; see agent.compiled)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from agent.ops import mish, simnorm  # noqa: F401  (simnorm: the one definition, also importable from here)
+from agent.ops import layer_ln_mish, mish, simnorm  # noqa: F401  (simnorm: the one definition, also importable from here)
 
 
 class SimNorm(nn.Module):
@@ -39,6 +39,8 @@ class NormedLinear(nn.Linear):
         x = super().forward(x)
         if self.dropout is not None:
             x = self.dropout(x)
+        if type(self.act) is nn.Mish:
+            return layer_ln_mish(x, self.ln.weight, self.ln.bias, self.ln.eps)
         return self.act(self.ln(x))
 
 
@@ -84,8 +86,7 @@ class EnsembleLinear(nn.Module):
             return y
         if self.dropout is not None:
             y = self.dropout(y)
-        y = F.layer_norm(y, (self.out_features,)) * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
-        return mish(y)
+        return layer_ln_mish(y, self.ln_weight, self.ln_bias)
 
 
 class EnsembleMLP(nn.Module):

@@ -9,7 +9,9 @@ back to the reference formula (never to a second copy of it).
 
     Mish                      mish (reference, F.mish), mish_train (one exp, own backward / compiled),
                               mish_ (inference, in place)
-    LayerNorm + Mish          ln_mish (differentiable; one or per-head affine, dropout, native kernel),
+    LayerNorm + Mish          layer_ln_mish (the reference modules'; native member kernel inside
+                              `member_kernels()`, also under torch.func / vmap),
+                              ln_mish (differentiable; one or per-head affine, dropout, native kernel),
                               ln_mish_ (inference, in place, per-environment constants, native kernel)
     SimNorm                   simnorm, ln_simnorm (differentiable), ln_simnorm_ (inference, native kernel)
     two-hot decode            agent.math.two_hot_inv (reference), decode (inference, native kernel)
@@ -22,6 +24,7 @@ warning naming what runs instead.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -160,6 +163,35 @@ def mish_(x: torch.Tensor) -> torch.Tensor:
 
 
 # -- LayerNorm + Mish ----------------------------------------------------------------------------
+# a plain global, not a ContextVar: torch.compile (dynamo) traces reads of a global and guards on it
+_member_kernels = False
+
+
+@contextlib.contextmanager
+def member_kernels(enabled: bool = True):
+    """Within: the reference modules' LayerNorm + Mish (`layer_ln_mish`) runs float32 CPU tensors
+    through the native fused kernel, which also serves torch.func transforms (the population
+    executor's vmap over members becomes one kernel call with the members as heads). Outside,
+    and for other tensors, the reference torch ops run."""
+    global _member_kernels
+    before, _member_kernels = _member_kernels, bool(enabled) and native.available()
+    try:
+        yield
+    finally:
+        _member_kernels = before
+
+
+def layer_ln_mish(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The reference modules' Mish(LayerNorm(x) * gamma + beta) over the last dim: gamma, beta (D,)
+    (NormedLinear, torch's affine LayerNorm) or (H, D), one affine per head of x (H, N, D)
+    (EnsembleLinear). Inside `member_kernels()` the native fused kernel (~1e-6 from these ops)."""
+    if _member_kernels and x.is_cpu and x.dtype is torch.float32:
+        return native.member_layer_norm_act(x, gamma, beta, eps)
+    if gamma.dim() == 1:
+        return mish(F.layer_norm(x, (x.shape[-1],), gamma, beta, eps))
+    return mish(F.layer_norm(x, (x.shape[-1],), eps=eps) * gamma.unsqueeze(1) + beta.unsqueeze(1))
+
+
 _native_training = True
 
 

@@ -7,6 +7,10 @@ shared module, `grad` differentiates, `vmap` batches over the K members. No seco
 the network exists here; a member trains exactly as `agent.train.Trainer(fast_kernels=False)`
 would train it on the same batches and noise (tests/test_population.py pins it).
 
+On CPU in float32 (cfg.fast_kernels, not compiled) the modules' LayerNorm + Mish runs in the native
+fused kernel, vmappable with the K members as its heads (`agent.ops.member_kernels`; within ~1e-6
+of the torch ops, pinned too); with cfg.compile, inductor fuses the whole step instead.
+
 Each member has its own batch source (own seed, own cached teacher targets) and its own torch
 Generator for the policy noise of the TD target and of the policy loss; dropout and the random
 Q-head pair (num_q > 2) draw from torch's global generator, independently per member
@@ -30,11 +34,13 @@ import torch.nn as nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from agent.checkpoint import atomic_torch_save, read_checkpoint
-from agent.compiled import maybe_compile
+from agent.compiled import maybe_compile, wanted
 from agent.config import PRECISIONS, ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, TeacherTargets
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
+from agent.ops import fallback, member_kernels
+from agent import native
 from agent.runtime import flushed_denormals, keep_freed_memory
 from agent.scale import RunningScale
 from agent.train import model_param_groups, policy_objective, policy_param_names
@@ -149,10 +155,28 @@ class Population:
         self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in self.seeds]
         self.step = 0
         self._rate_window: list[float] = []
+        self.fused = self._member_kernels_reason(cfg, precision) is None
         self._model_update = maybe_compile(self._model_step, "torch.compile of the population's model update",
                                            cfg.compile, self.device, cfg.compile_mode)
         self._policy_update = maybe_compile(self._policy_step, "torch.compile of the population's policy update",
                                             cfg.compile, self.device, cfg.compile_mode)
+
+    def _member_kernels_reason(self, cfg: TrainConfig, precision: str) -> str | None:
+        """Why the modules' LayerNorm + Mish cannot run in the native member kernel here (said once
+        as a warning where it matters), or None when it can."""
+        if not cfg.fast_kernels or wanted(cfg.compile, self.device):
+            return "off"  # the reference path asked for, or torch.compile fuses the step itself
+        dtype = self.params["_pi.0.weight"].dtype
+        reason = None
+        if self.device.type != "cpu":
+            reason = f"the native kernels run on CPU, the population is on {self.device.type}"
+        elif dtype is not torch.float32 or precision != "fp32":
+            reason = f"the native kernels take float32, the population trains in {precision if precision != 'fp32' else dtype}"
+        elif not native.available():
+            return "unavailable"  # loading the kernels said so already
+        if reason is not None and self.device.type == "cpu":
+            fallback("population: fused LayerNorm + Mish -> torch ops", reason)
+        return reason
 
     # -- functional calls (one member; vmapped over K) ----------------------------------------
     @staticmethod
@@ -257,7 +281,8 @@ class Population:
         self._renorm_task_emb(task)
         model_params = {n: self.params[n] for n in self.model_names}
         pi_params = {n: self.params[n] for n in self.pi_names}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"), \
+                member_kernels(self.fused):
             grads, (total, (terms, zs)) = self._model_update(model_params, {**pi_params, **self.targets},
                                                              obs, action, reward, task, teacher_reward, teacher_latent,
                                                              eps_td, self.discount)
@@ -269,8 +294,9 @@ class Population:
 
         self._renorm_task_emb(task)
         other = {n: self.params[n] for n in self.model_names}
-        pi_grads, (pi_loss, (self.scale_values, entropy)) = self._policy_update(pi_params, other, zs.detach(), task,
-                                                                                eps_pi, self.scale_values, None)
+        with member_kernels(self.fused):
+            pi_grads, (pi_loss, (self.scale_values, entropy)) = self._policy_update(pi_params, other, zs.detach(), task,
+                                                                                    eps_pi, self.scale_values, None)
         pi_grad_norm = self._clip(self.pi_names, pi_grads)
         self.pi_optim.step()
         self.pi_optim.zero_grad(set_to_none=True)

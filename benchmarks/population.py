@@ -1,7 +1,9 @@
 """Population training vs separate trials: aggregate student-updates/s of K students.
 
     population   K students in one process (agent.population.Population: torch.func over the
-                 reference WorldModel), one Adam over stacked weights
+                 reference WorldModel), one Adam over stacked weights; eager (LayerNorm + Mish in
+                 the native member kernel) and compiled (torch.compile / inductor of the vmapped
+                 step, what the quick preset runs; its compile time is reported apart)
     separate     K processes, each one student with the fast single-student Trainer (what K
                  separate trials do), all started at once on this machine's cores
 
@@ -10,7 +12,7 @@ Both sample batches from the same episode store and distil from cached teacher r
 (agent.mt_mini.benchmark.QUICK_DEFAULTS) on five tasks, horizon 3, one torch thread per process. Ratios are population / separate measured in this
 run. The last output line is one JSON object.
 
-    python benchmarks/population.py [--members 1,5,10] [--updates 60]
+    python benchmarks/population.py [--members 1,5,10] [--updates 60] [--compile both|off|on]
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ STUDENT = QUICK_DEFAULTS["student_dims"]  # the quick preset's student, batch an
 BATCH = QUICK_DEFAULTS["batch_size"]
 
 
-def _train_config() -> TrainConfig:
-    return TrainConfig(batch_size=BATCH, lr=QUICK_DEFAULTS["lr"], distill=DistillConfig(target="reward", d_coef=0.45))
+def _train_config(compile: str = "off") -> TrainConfig:
+    return TrainConfig(batch_size=BATCH, lr=QUICK_DEFAULTS["lr"], distill=DistillConfig(target="reward", d_coef=0.45),
+                       compile=compile)
 
 
 def make_inputs(root: Path, episodes: int = 40, length: int = 51) -> tuple[Path, Path]:
@@ -66,17 +69,20 @@ def _student(seed: int) -> WorldModel:
     return WorldModel(model_config(None, tasks=TASKS, obs_dim=24, action_dim=6, **STUDENT))
 
 
-def run_population(store: Path, teacher: Path, members: int, updates: int) -> float:
-    """Seconds for `updates` population updates of `members` students (after 3 warm-up updates)."""
+def run_population(store: Path, teacher: Path, members: int, updates: int, compile: str = "off") -> tuple[float, float]:
+    """(seconds of the 3 warm-up updates, which include compiling; seconds for `updates` more
+    population updates of `members` students)."""
     from agent.population import offline_members
 
     torch.set_num_threads(1)
     seeds = list(range(1, members + 1))
-    pop = offline_members([_student(s) for s in seeds], store, _train_config(), seeds, teacher, log=lambda _: None)
+    pop = offline_members([_student(s) for s in seeds], store, _train_config(compile), seeds, teacher, log=lambda _: None)
+    started = time.perf_counter()
     pop.train(3)
+    warm = time.perf_counter() - started
     started = time.perf_counter()
     pop.train(updates)
-    return time.perf_counter() - started
+    return warm, time.perf_counter() - started
 
 
 def _separate_worker(store: str, teacher: str, seed: int, updates: int, start, done) -> None:
@@ -112,19 +118,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", default="1,5,10", help="population sizes K (comma-separated)")
     parser.add_argument("--updates", type=int, default=60, help="timed updates per student")
+    parser.add_argument("--compile", choices=("both", "off", "on"), default="both",
+                        help="population executors to time: eager (off), compiled (on) or both")
     args = parser.parse_args(argv)
     sizes = [int(k) for k in args.members.split(",")]
+    modes = ["off", "on"] if args.compile == "both" else [args.compile]
+    label = {"off": "eager", "on": "compiled"}
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-population-") as tmp:
         store, teacher = make_inputs(Path(tmp))
-        print(f"{'K':>3} {'population upd/s':>17} {'separate upd/s':>15} {'ratio':>6}   (aggregate student-updates/s)")
+        print(f"{'K':>3} {'population':>10} {'upd/s':>8} {'separate upd/s':>15} {'ratio':>6} {'warm-up s':>10}"
+              "   (aggregate student-updates/s; warm-up = 3 updates, incl. compiling)")
         for k in sizes:
-            pop_s = run_population(store, teacher, k, args.updates)
             sep_s = run_separate(store, teacher, k, args.updates)
-            pop_rate, sep_rate = k * args.updates / pop_s, k * args.updates / sep_s
-            results[k] = {"population_updates_per_s": round(pop_rate, 1), "separate_updates_per_s": round(sep_rate, 1),
-                          "ratio": round(pop_rate / sep_rate, 2)}
-            print(f"{k:>3} {pop_rate:>17.1f} {sep_rate:>15.1f} {pop_rate / sep_rate:>6.2f}", flush=True)
+            sep_rate = k * args.updates / sep_s
+            results[k] = {"separate_updates_per_s": round(sep_rate, 1)}
+            for mode in modes:
+                warm, pop_s = run_population(store, teacher, k, args.updates, mode)
+                pop_rate = k * args.updates / pop_s
+                results[k][label[mode]] = {"population_updates_per_s": round(pop_rate, 1),
+                                           "ratio": round(pop_rate / sep_rate, 2), "warm_up_s": round(warm, 1)}
+                print(f"{k:>3} {label[mode]:>10} {pop_rate:>8.1f} {sep_rate:>15.1f} {pop_rate / sep_rate:>6.2f} {warm:>10.1f}",
+                      flush=True)
     print(json.dumps({"benchmark": "population", "batch_size": BATCH, "student": STUDENT, "updates": args.updates,
                       "cores": mp.cpu_count(), "goal": "ratio >= 3 at K = 5 on 2 cores",
                       "members": {str(k): v for k, v in results.items()}}))

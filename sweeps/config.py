@@ -39,7 +39,8 @@ class TrialConfig:
     num_seeds: int = 1                # members: seeds seed .. seed + num_seeds - 1, trained as one population
     eval_every: int = 1000
     log_every: int = 100              # training metrics (losses, grad norm, lr, updates/s) every N updates
-    eval_episodes: int = 2
+    eval_episodes: int = 2            # per task, at each evaluation during training
+    final_eval_episodes: int | None = None  # per task, at the last step and for every quantized model (None: eval_episodes)
     eval_plan: bool = True
     eval_max_steps: int | None = None  # None = the official 500 agent steps
     eval_planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for evaluation
@@ -68,6 +69,8 @@ class TrialConfig:
         for name in ("steps", "batch_size", "eval_every", "log_every", "eval_episodes", "num_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.final_eval_episodes is not None and self.final_eval_episodes < 1:
+            raise ConfigError(f"final_eval_episodes must be >= 1 or null, got {self.final_eval_episodes}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.target not in DISTILL_TARGETS:
@@ -107,6 +110,12 @@ class TrialConfig:
         except ConfigError as exc:
             raise ConfigError(f"eval_planner {_json(self.eval_planner)}: {exc}") from None
         return self
+
+    def episodes_at(self, step: int) -> int:
+        """Evaluation episodes per task of an evaluation at `step` (the final one at `steps`)."""
+        if step >= self.steps and self.final_eval_episodes is not None:
+            return self.final_eval_episodes
+        return self.eval_episodes
 
     def member_seeds(self) -> list[int]:
         return list(range(self.seed, self.seed + self.num_seeds))

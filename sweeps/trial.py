@@ -87,7 +87,8 @@ def _row(cfg: TrialConfig, ctx: TrialContext, seed: int, step: int, phase: str, 
         "step": step, "phase": phase, "quant": quant,
         "score": None if scores is None else float(sum(scores.values()) / len(scores)),
         "task_scores": scores, "eval_se": None if evaluation is None else evaluation.se,
-        "size_mib": size_mib, "episodes": cfg.eval_episodes, "error": error,
+        "size_mib": size_mib, "episodes": evaluation.episodes if evaluation is not None else cfg.episodes_at(step),
+        "error": error,
         "node_id": ctx.node_id, **extra,
     }
 
@@ -96,6 +97,7 @@ def _row(cfg: TrialConfig, ctx: TrialContext, seed: int, step: int, phase: str, 
 class Evaluation:
     task_scores: dict[str, float]
     se: float | None  # standard error of the mean-over-tasks score from the episode spread (None: 1 episode)
+    episodes: int     # per task
 
 
 def eval_env_workers(device: torch.device) -> int:
@@ -111,19 +113,21 @@ def eval_env_workers(device: torch.device) -> int:
     return max(0, min(8, cpus - 1))
 
 
-def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str], seed: int) -> Evaluation:
+def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str], seed: int, step: int) -> Evaluation:
+    """Model at `step` evaluated with the trial's protocol (`cfg.episodes_at(step)` episodes per task)."""
     weights = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
     device = weights.device if weights is not None else torch.device("cpu")
-    df = evaluate(model, cfg.eval_tasks or tasks, cfg.eval_episodes, seed=seed, plan=cfg.eval_plan,
+    episodes = cfg.episodes_at(step)
+    df = evaluate(model, cfg.eval_tasks or tasks, episodes, seed=seed, plan=cfg.eval_plan,
                   agent_overrides=dict(cfg.eval_planner), progress=False, task_set=tasks,
                   max_steps=cfg.eval_max_steps, env_workers=eval_env_workers(device),
                   compile=train_config(cfg).compile)
     normalized_score(df)  # raises on an empty evaluation
     per_task = df.groupby("task", sort=False)["score"]
     if per_task.count().min() < 2:  # one episode per task: no spread to estimate the error from
-        return Evaluation(task_scores(df), None)
+        return Evaluation(task_scores(df), None, episodes)
     variance_of_means = per_task.var(ddof=1) / per_task.count()
-    return Evaluation(task_scores(df), float(math.sqrt(variance_of_means.sum()) / len(variance_of_means)))
+    return Evaluation(task_scores(df), float(math.sqrt(variance_of_means.sum()) / len(variance_of_means)), episodes)
 
 
 def _inject_faults(cfg: TrialConfig, ctx: TrialContext, step: int, members: Any) -> None:
@@ -271,7 +275,7 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
                     return
             if metrics is not None and members.step % cfg.log_every == 0 and i < chunk - 1:
                 log_metrics()  # at the chunk's last update: after its evaluation (below)
-        evaluations = [_evaluate(members.member(k), cfg, tasks, seed) for k, seed in enumerate(members.seeds)]
+        evaluations = [_evaluate(members.member(k), cfg, tasks, seed, members.step) for k, seed in enumerate(members.seeds)]
         latest = dict(zip(members.seeds, evaluations))
         rate = members.step * members.K / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -293,10 +297,10 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
             rows = []
             for seed, fp32_file in zip(members.seeds, files):
                 result = quantize_file(fp32_file, mode, Path(scratch) / f"student-{seed}-{mode}.pt")
-                if mode == "fp32" and seed in latest:
+                if mode == "fp32" and seed in latest and latest[seed].episodes == cfg.episodes_at(members.step):
                     # the fp32 file holds the weights just evaluated (same seed, same protocol): reuse it
                     evaluation = latest[seed]
                 else:
-                    evaluation = _evaluate(load_world_model(result.path, device=device), cfg, tasks, seed)
+                    evaluation = _evaluate(load_world_model(result.path, device=device), cfg, tasks, seed, members.step)
                 rows.append(_row(cfg, ctx, seed, members.step, "final", mode, evaluation, size_mib=result.size_mib))
             report(rows, None)

@@ -122,3 +122,81 @@ def test_dropping_a_member_leaves_the_others_training_as_before():
     assert cut.K == 2 and cut.seeds == [1, 3] and cut.finite_members() == [True, True]
     for name in full.params:
         torch.testing.assert_close(cut.params[name], full.params[name][[0, 2]], rtol=0, atol=0, msg=name)
+
+
+needs_native = pytest.mark.skipif(not __import__("agent.native", fromlist=["available"]).available(),
+                                  reason="the native CPU kernels cannot be built here (no C compiler)")
+
+
+@needs_native
+@pytest.mark.parametrize("per_head,batched_affine", [(False, True), (True, True), (False, False)])
+def test_member_kernel_under_vmap_equals_the_reference_ops(per_head, batched_affine):
+    """vmap(grad) over K members through the native LayerNorm + Mish (the members become the
+    kernel's heads) gives each member's reference value and gradients."""
+    import torch.nn.functional as F
+    from torch.func import grad_and_value, vmap
+
+    from agent import native
+
+    K, N, D, Hq = 3, 10, 16, 2
+    g = torch.Generator().manual_seed(0)
+    lead = (K, Hq) if per_head else (K,)
+    x, w = torch.randn(*lead, N, D, generator=g), torch.randn(*lead, N, D, generator=g)
+    gamma, beta = torch.randn(*lead, D, generator=g), torch.randn(*lead, D, generator=g)
+    if not batched_affine:
+        gamma, beta = gamma[0], beta[0]
+
+    def reference(x, gamma, beta, w):
+        if per_head:
+            y = F.layer_norm(x, (D,)) * gamma.unsqueeze(1) + beta.unsqueeze(1)
+        else:
+            y = F.layer_norm(x, (D,), gamma, beta)
+        return (F.mish(y) * w).sum()
+
+    def fused(x, gamma, beta, w):
+        return (native.member_layer_norm_act(x, gamma, beta) * w).sum()
+
+    dims = (0, 0 if batched_affine else None, 0 if batched_affine else None, 0)
+    want = vmap(grad_and_value(reference, argnums=(0, 1, 2)), in_dims=dims)(x, gamma, beta, w)
+    got = vmap(grad_and_value(fused, argnums=(0, 1, 2)), in_dims=dims)(x, gamma, beta, w)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", "gamma", "beta"), got[0], want[0]):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_native
+def test_population_with_member_kernels_trains_as_with_the_reference_ops():
+    """float32 on CPU: the population runs its modules' LayerNorm + Mish in the native member
+    kernel; three updates land where the reference torch ops (fast_kernels=False) take them."""
+    models = [small_model(seed=s, num_q=2, dropout=0.0) for s in range(3)]
+    batches = _batches(3, 3, seed=4, num_tasks=len(models[0].cfg.tasks), teacher=True)
+    g = torch.Generator().manual_seed(6)
+    eps = [(torch.randn(3, H, B, 6, generator=g), torch.randn(3, H + 1, B, 6, generator=g)) for _ in range(3)]
+    runs = {}
+    for fast in (True, False):
+        cfg = TrainConfig(batch_size=B, fast_kernels=fast, distill=DistillConfig(target="reward", d_coef=0.45))
+        pop = Population(models, cfg, seeds=[1, 2, 3], cached_teacher=True)
+        assert pop.fused is fast
+        metrics = [pop.update(batches[t], *eps[t]) for t in range(3)]
+        runs[fast] = pop, metrics
+    (fused, fused_metrics), (reference, reference_metrics) = runs[True], runs[False]
+    for name in reference.params:
+        torch.testing.assert_close(fused.params[name], reference.params[name], rtol=1e-3, atol=1e-4, msg=name)
+    for a, b in zip(fused_metrics[-1], reference_metrics[-1]):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-4)
+    with torch.no_grad():
+        moved = sum(float((fused.params[n] - torch.stack([dict(m.named_parameters())[n] for m in models])).abs().max())
+                    for n in fused.params)
+    assert moved > 1e-3  # the updates did change the weights
+
+
+@needs_native
+def test_population_says_when_the_member_kernels_cannot_serve_it(monkeypatch):
+    from agent import ops
+
+    monkeypatch.setattr(ops, "_said", set())  # the warning is once per process and reason
+    models = [small_model(seed=s, num_q=2, dropout=0.0).to(torch.float64) for s in range(2)]
+    with pytest.warns(UserWarning, match="population: fused LayerNorm \\+ Mish -> torch ops: .*float64"):
+        pop = Population(models, TrainConfig(batch_size=B, distill=DistillConfig(target=None)), seeds=[1, 2])
+    assert not pop.fused

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ConfigError
 from sweeps.config import preset_config
 from sweeps.setup import resolve_inputs
 from sweeps.trial import MEMBERS_FILE, TRAINER_FILE, TrialContext, run_trial
@@ -149,8 +150,33 @@ def test_final_fp32_row_equals_a_fresh_evaluation_of_the_saved_file(smoke_inputs
     members = offline_members([build_student(cfg, tasks, 1)], cfg.data, train_config(cfg), [1], log=lambda _: None)
     members.load(tmp_path / TRAINER_FILE)
     path = save_world_model(members.member(0), tmp_path / "student.pt")
-    fresh = _evaluate(load_world_model(path), cfg, tasks, 1)
+    fresh = _evaluate(load_world_model(path), cfg, tasks, 1, cfg.steps)
     assert final["task_scores"] == pytest.approx(fresh.task_scores, abs=1e-9)
+
+
+def test_the_final_evaluation_uses_final_eval_episodes(smoke_inputs, monkeypatch):
+    """Curve points use eval_episodes per task; the last step and quantized models use
+    final_eval_episodes, and every row says how many episodes it averages."""
+    import sweeps.trial as trial
+
+    asked = []
+    real = trial.evaluate
+
+    def counting(model, tasks, episodes, *args, **kwargs):
+        asked.append(episodes)
+        return real(model, tasks, episodes, *args, **kwargs)
+
+    monkeypatch.setattr(trial, "evaluate", counting)
+    cfg = _config(smoke_inputs, steps=20, eval_every=10, num_seeds=1, d_coef=0.0, eval_episodes=1,
+                  final_eval_episodes=2, quant_modes=["fp32", "fp16"])
+    collect = Collect()
+    run_trial(cfg, TrialContext("fe"), collect)
+    assert asked == [1, 2, 2]  # step 10, step 20 (reused by the fp32 row), the fp16 model
+    episodes = {(r["phase"], r["step"], r["quant"]): r["episodes"] for r in collect.rows}
+    assert episodes == {("train", 10, "fp32"): 1, ("train", 20, "fp32"): 2, ("final", 20, "fp32"): 2,
+                        ("final", 20, "fp16"): 2}
+    with pytest.raises(ConfigError, match="final_eval_episodes must be >= 1"):
+        cfg.with_overrides({"final_eval_episodes": 0}).validate()
 
 
 def test_eval_se_is_the_standard_error_of_the_task_mean(smoke_inputs, monkeypatch):
@@ -161,7 +187,7 @@ def test_eval_se_is_the_standard_error_of_the_task_mean(smoke_inputs, monkeypatc
     frame = pd.DataFrame({"task": ["a", "a", "a", "b", "b", "b"], "episode": [0, 1, 2, 0, 1, 2],
                           "return": [0.0] * 6, "score": [1.0, 2.0, 3.0, 10.0, 10.0, 13.0]})
     monkeypatch.setattr(trial, "evaluate", lambda *a, **k: frame)
-    result = trial._evaluate(None, _config(smoke_inputs), ["a", "b"], seed=1)
+    result = trial._evaluate(None, _config(smoke_inputs), ["a", "b"], seed=1, step=1)
     # var_a = 1, var_b = 3 (ddof 1), 3 episodes: se = sqrt(1/3 + 3/3) / 2
     assert result.se == pytest.approx(math.sqrt(1 / 3 + 1) / 2)
     assert result.task_scores == {"a": 2.0, "b": 11.0}

@@ -4,7 +4,8 @@ the planner's whole value estimate in one call.
 Between two small matrix products TD-MPC2 runs LayerNorm, Mish, SimNorm and the two-hot decode as
 chains of separate torch ops, each a full pass over memory; on CPU they cost about as much as the
 GEMMs themselves. kernels.c does each chain in one pass per row, forward and backward, for single
-layers and for ensembles with one affine per head (`ln_act`, `layer_norm_act`). `ValueNet` runs
+layers and for ensembles with one affine per head (`ln_act`, `layer_norm_act`; under torch.func,
+with K population members as K heads: `member_layer_norm_act`). `ValueNet` runs
 MPPI's value estimate (horizon dynamics/reward steps, the policy's terminal action, two Q heads of
 any depth) for every sampled row in one call: GEMMs through torch's own BLAS (`sgemm_`, MKL in the
 x86 wheels), epilogues fused, blocks of rows on OpenMP threads.
@@ -80,8 +81,10 @@ def _threads(items: int, width: int) -> int:
     return 1 if items * width < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), items))
 
 
-from agent.native.ops import MISH, NO_ACT, LayerNormAct, layer_norm_act, ln_act, ln_simnorm_, two_hot_decode  # noqa: E402
+from agent.native.ops import (MISH, NO_ACT, LayerNormAct, layer_norm_act, ln_act, ln_simnorm_,  # noqa: E402
+                              member_layer_norm_act, two_hot_decode)
 from agent.native.value_net import Dense, ValueNet, value_kernel_available, value_kernel_unavailable  # noqa: E402
 
 __all__ = ["available", "usable", "ln_act", "ln_simnorm_", "two_hot_decode", "layer_norm_act", "LayerNormAct",
+           "member_layer_norm_act",
            "MISH", "NO_ACT", "Dense", "ValueNet", "value_kernel_available", "value_kernel_unavailable", "NativeABIError", "PARALLEL_MIN_ELEMENTS"]

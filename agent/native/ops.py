@@ -119,28 +119,129 @@ class LayerNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, gamma, beta, mean, rstd, dropped = ctx.saved_tensors
-        grad_out = _contiguous(grad_out)
-        heads = gamma.shape[0] if gamma.dim() == 2 else 1
-        rows, width, x_rs, x_hs = _layout(x, heads, ctx.transpose_heads)
-        _, _, g_rs, g_hs = _layout(grad_out, heads, False)
-        grad_x = torch.empty_like(x)
         want_affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        threads = _threads(heads * rows, width)
-        # one gamma / beta accumulator per thread (threads must not add into the same rows)
-        grad_affine = torch.zeros(threads, 2, *gamma.shape) if want_affine else None
-        _check(grad_out)
-        native._library().ln_act_backward(
-            x=_ptr(x), grad_y=_ptr(grad_out), grad_x=_ptr(grad_x), rows=rows, heads=heads, width=width,
-            x_row_stride=x_rs, x_head_stride=x_hs, grad_row_stride=g_rs, grad_head_stride=g_hs, mean=_ptr(mean),
-            rstd=_ptr(rstd), gamma=_ptr(gamma), beta=_ptr(beta), scale=float(ctx.scale), act=ctx.act,
-            grad_affine=_ptr(grad_affine), threads=threads)
+        grad_x, grad_gamma, grad_beta = ln_act_backward(grad_out, x, gamma, beta, mean, rstd, ctx.act, ctx.scale,
+                                                        ctx.transpose_heads, want_affine)
         if dropped is not None:
             grad_x.view(-1).index_fill_(0, dropped, 0.0)
-        none = (None,) * 5
-        if not want_affine:
-            return (grad_x, None, None) + none
-        grad_gamma, grad_beta = grad_affine.sum(0) if threads > 1 else grad_affine[0]
-        return (grad_x, grad_gamma, grad_beta) + none
+        return (grad_x, grad_gamma, grad_beta) + (None,) * 5
+
+
+def ln_act_backward(grad_out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                    mean: torch.Tensor, rstd: torch.Tensor, act: int = MISH, scale: float = 1.0,
+                    transpose_heads: bool = False, want_affine: bool = True):
+    """The gradients of `ln_act` (no autograd): grad_out like ln_act's output, x its input, mean /
+    rstd the row statistics it wrote. Returns (grad_x like x, grad_gamma, grad_beta like gamma),
+    the affine gradients None unless `want_affine`."""
+    grad_out = _contiguous(grad_out)
+    heads = gamma.shape[0] if gamma.dim() == 2 else 1
+    rows, width, x_rs, x_hs = _layout(x, heads, transpose_heads)
+    _, _, g_rs, g_hs = _layout(grad_out, heads, False)
+    grad_x = torch.empty_like(x)
+    threads = _threads(heads * rows, width)
+    # one gamma / beta accumulator per thread (threads must not add into the same rows)
+    grad_affine = torch.zeros(threads, 2, *gamma.shape) if want_affine else None
+    _check(grad_out, x, mean, rstd, gamma, beta)
+    native._library().ln_act_backward(
+        x=_ptr(x), grad_y=_ptr(grad_out), grad_x=_ptr(grad_x), rows=rows, heads=heads, width=width,
+        x_row_stride=x_rs, x_head_stride=x_hs, grad_row_stride=g_rs, grad_head_stride=g_hs, mean=_ptr(mean),
+        rstd=_ptr(rstd), gamma=_ptr(gamma), beta=_ptr(beta), scale=float(scale), act=act,
+        grad_affine=_ptr(grad_affine), threads=threads)
+    if not want_affine:
+        return grad_x, None, None
+    grad_gamma, grad_beta = grad_affine.sum(0) if threads > 1 else grad_affine[0]
+    return grad_x, grad_gamma, grad_beta
+
+
+# -- under torch.func (vmap over population members) ----------------------------------------------
+def _fold_members(size: int, dims: tuple[int | None, ...], *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor with its vmapped dim moved to the front (expanded to `size` where unbatched), contiguous."""
+    out = []
+    for t, d in zip(tensors, dims):
+        t = t.unsqueeze(0).expand(size, *t.shape) if d is None else t.movedim(d, 0)
+        out.append(_contiguous(t))
+    return out
+
+
+class MemberLayerNormAct(torch.autograd.Function):
+    """act(LayerNorm(x) * gamma + beta) over the last dim, differentiable and vmappable (torch.func):
+    under vmap over K members, x (K, ..., D) with gamma (K, D), or x (K, H, N, D) with per-head
+    gamma (K, H, D), runs as one call of the per-head kernel with K (or K * H) heads. Forward and
+    backward are `ln_act` and `ln_act_backward`. Returns (out, mean, rstd); the row statistics are
+    not differentiable."""
+
+    @staticmethod
+    def forward(x, gamma, beta, eps, act):
+        x, gamma, beta = _contiguous(x), _contiguous(gamma), _contiguous(beta)
+        items = x.numel() // x.shape[-1]
+        mean, rstd = torch.empty(items), torch.empty(items)
+        out = ln_act(x, gamma, beta, eps, act, stats=(mean, rstd))
+        return out, mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, gamma, beta, _, act = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, gamma, beta, mean, rstd)
+        ctx.act = act
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, gamma, beta, mean, rstd = ctx.saved_tensors
+        grad_x, grad_gamma, grad_beta = _MemberLayerNormActGrad.apply(grad_out, x, gamma, beta, mean, rstd, ctx.act)
+        return grad_x, grad_gamma, grad_beta, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, gamma, beta, eps, act):
+        x, gamma, beta = _fold_members(info.batch_size, in_dims[:3], x, gamma, beta)
+        shape = x.shape
+        x, gamma, beta = _as_heads(x, gamma), gamma.reshape(-1, gamma.shape[-1]), beta.reshape(-1, beta.shape[-1])
+        out, mean, rstd = MemberLayerNormAct.apply(x, gamma, beta, eps, act)
+        k = info.batch_size
+        return (out.view(shape), mean.view(k, -1), rstd.view(k, -1)), (0, 0, 0)
+
+
+def _as_heads(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """x (K, ..., D) with gamma (K, D) -> (K, rows, D); with gamma (K, H, D): x (K, H, N, D) -> (K * H, N, D)."""
+    if gamma.dim() == 2:
+        return x.view(x.shape[0], -1, x.shape[-1])
+    return x.view(x.shape[0] * x.shape[1], -1, x.shape[-1])
+
+
+class _MemberLayerNormActGrad(torch.autograd.Function):
+    """MemberLayerNormAct's backward as a vmappable function (once differentiable)."""
+
+    @staticmethod
+    def forward(grad_out, x, gamma, beta, mean, rstd, act):
+        return ln_act_backward(grad_out, _contiguous(x), _contiguous(gamma), _contiguous(beta), _contiguous(mean),
+                               _contiguous(rstd), act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the fused LayerNorm + activation is differentiable once (no double backward)")
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, x, gamma, beta, mean, rstd, act):
+        grad_out, x, gamma, beta, mean, rstd = _fold_members(info.batch_size, in_dims[:6], grad_out, x, gamma, beta,
+                                                             mean, rstd)
+        shape, affine_shape = x.shape, gamma.shape
+        gamma2, beta2 = gamma.reshape(-1, gamma.shape[-1]), beta.reshape(-1, beta.shape[-1])
+        grad_x, grad_gamma, grad_beta = _MemberLayerNormActGrad.apply(
+            _as_heads(grad_out, gamma), _as_heads(x, gamma), gamma2, beta2, mean.reshape(-1), rstd.reshape(-1), act)
+        return (grad_x.view(shape), grad_gamma.view(affine_shape), grad_beta.view(affine_shape)), (0, 0, 0)
+
+
+def member_layer_norm_act(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
+                          act: int = MISH) -> torch.Tensor:
+    """Differentiable act(LayerNorm(x) * gamma + beta) through the fused kernels that also runs under
+    torch.func (grad, vmap over population members; see MemberLayerNormAct). gamma / beta (D,), or
+    (H, D) per head of x (H, N, D)."""
+    return MemberLayerNormAct.apply(x, gamma, beta, eps, act)[0]
 
 
 def layer_norm_act(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,

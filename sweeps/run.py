@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out, given its own --grid/--set/--seeds/--preset (refused "
                         "when they differ or there is nothing to resume); finished trials are kept")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster); default: embedded local Ray")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs per trial (default 1; on this machine's own Ray, when there are more trials than "
+                        "CPUs but fewer than twice as many, CPUs / trials, so that all run at once)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default 0)")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default 2)")
@@ -78,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-settings", action="store_true",
                    help="print every --set setting with the preset's value (train.* = the agent's TrainConfig) and exit")
     return p
+
+
+def trial_cpus(requested: float | None, trials: int, cpus: float, gpus_per_trial: float, address: str | None) -> float:
+    """CPUs each trial asks Ray for: `requested`, else 1, except on this machine's own Ray (no
+    `address`, no GPUs) when trials number more than the CPUs but fewer than twice as many: then
+    CPUs / trials (rounded down to 1/1000), so all run at once instead of a second round that
+    leaves CPUs idle. (Each trial runs one torch thread either way.)"""
+    if requested is not None:
+        return requested
+    if address is None and gpus_per_trial == 0 and cpus < trials < 2 * cpus:
+        return math.floor(1000 * cpus / trials) / 1000
+    return 1.0
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -99,7 +114,8 @@ def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]
     if args.seeds is not None and args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     _positive("--num-samples", args.num_samples)
-    _positive("--cpus-per-trial", args.cpus_per_trial)
+    if args.cpus_per_trial is not None:
+        _positive("--cpus-per-trial", args.cpus_per_trial)
     _positive("--gpus-per-trial", args.gpus_per_trial, allow_zero=True)
     _positive("--max-concurrent", args.max_concurrent, allow_zero=True)
     _positive("--max-failures", args.max_failures, allow_zero=True)
@@ -385,12 +401,18 @@ def run_sweep(args: argparse.Namespace) -> Path:
 
     # no --address: a Ray of this process's own, never a cluster already running on the machine
     ray.init(address=args.address or "local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"DISTILL_TRIAL_THREADS": str(max(1, int(args.cpus_per_trial))),
+             configure_logging=False, runtime_env={"env_vars": {"DISTILL_TRIAL_THREADS": str(max(1, int(args.cpus_per_trial or 1))),
                                                                  "MUJOCO_GL": os.environ["MUJOCO_GL"]}})
     try:
         if args.address is not None:
             check_cluster_gpus(args.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
-        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        trials = args.num_samples if args.search != "grid" else len(configs)
+        cpus = trial_cpus(args.cpus_per_trial, trials, ray.cluster_resources().get("CPU", 1.0), args.gpus_per_trial,
+                          args.address)
+        if args.cpus_per_trial is None and cpus != 1.0:
+            print(f"{trials} trials on {ray.cluster_resources().get('CPU', 1.0):g} CPUs: all at once, {cpus:g} CPU each",
+                  file=sys.stderr)
+        resources = {"cpu": cpus, "gpu": args.gpus_per_trial}
         fn = tune.with_resources(trainable, resources)
         experiment = f"{storage_path}/{EXPERIMENT}"
         # Tune's legacy console output: the only one that takes a progress reporter (CLIReporter)

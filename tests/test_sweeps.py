@@ -931,3 +931,17 @@ def test_sweep_in_an_s3_bucket_survives_a_killed_driver_and_resumes_and_reports_
                                 cwd=tmp_path, env={**os.environ, **s3.env(endpoint=False)})
         assert direct.returncode == 0, direct.stderr[-3000:]
         assert (tmp_path / "direct" / "report.md").read_text() == text
+
+
+def test_trials_that_would_leave_a_second_round_half_empty_share_the_cpus():
+    from sweeps.run import trial_cpus
+
+    assert trial_cpus(None, 3, 2.0, 0.0, None) == 0.666  # 3 at once on 2 CPUs (3 x 0.666 fits)
+    assert 3 * trial_cpus(None, 3, 2.0, 0.0, None) <= 2.0
+    assert trial_cpus(None, 5, 4.0, 0.0, None) == 0.8
+    assert trial_cpus(None, 4, 2.0, 0.0, None) == 1.0  # whole rounds: one CPU each
+    assert trial_cpus(None, 2, 2.0, 0.0, None) == 1.0
+    assert trial_cpus(None, 8, 2.0, 0.0, None) == 1.0
+    assert trial_cpus(None, 3, 2.0, 0.5, None) == 1.0  # GPU trials and clusters keep one CPU each
+    assert trial_cpus(None, 3, 2.0, 0.0, "auto") == 1.0
+    assert trial_cpus(1.5, 3, 2.0, 0.0, None) == 1.5  # what the user asks for

@@ -36,9 +36,10 @@ ASSETS = Path(__file__).resolve().parent / "assets" / "mt_mini"
 TEACHER_SIZES = ("small", "large")
 
 # The quick preset: the d_coef grid (sweeps.grids.QUICK_D_COEFS) x 5 seeds, each trial one
-# population of 5 students, 2 trials in parallel on 2 cores. Settings fixed on scratch students
-# only (d_coef 0: learning rate, size, batch, updates), before any d_coef was compared; the README
-# states the measured wall time of the whole command.
+# population of 5 students, the 3 trials at once on 2 cores. Settings fixed on scratch students
+# only (d_coef 0: learning rate, size, batch, updates), before any d_coef was compared; the grid
+# lost its fourth value (0.1) for time after one run of all four (README). The README states the
+# measured wall time of the whole command.
 QUICK_DEFAULTS: dict[str, Any] = {
     # keys named as `sweeps.config.TrialConfig` fields (the quick preset copies the ones it knows)
     # ~67k params: a 23k student (32/32/16/8) stayed within 1-2 points of the untrained one (lr 3e-4

@@ -353,7 +353,8 @@ class OfflineInputs:
 def offline_inputs(model: WorldModel, store: Any, cfg: TrainConfig | None = None,
                    teacher_path: str | os.PathLike | None = None, *, use_cache: bool = True,
                    device: str | torch.device = "cpu") -> OfflineInputs:
-    """The store, cache and teacher for training `model` (or students of its config) offline.
+    """The store, cache and teacher for training `model` (or students of its config) offline;
+    torch's, python's and numpy's global streams are seeded with cfg.seed on return.
 
     Cacheable targets (reward, reward_observed, latent_pca) read the teacher-target cache (built on
     first use, keyed by the teacher file's hash) and need no live teacher; other targets load
@@ -380,6 +381,10 @@ def offline_inputs(model: WorldModel, store: Any, cfg: TrainConfig | None = None
         if target == "latent_pca":
             inputs.pca = fit_store_pca(inputs.teacher, store, model.cfg.latent_dim, cfg.distill.pca_fit_rows,
                                        cfg.distill.pca_seed)
+    # Dropout and the random Q-head pair draw from torch's global stream. Loading a teacher
+    # initialises a model first, which draws from it, and only the process that builds the cache
+    # loads one: reseeding here keeps training independent of whether the cache existed.
+    seed_everything(cfg.seed)
     return inputs
 
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from agent.errors import ConfigError
 from sweeps.config import preset_config
@@ -310,3 +311,26 @@ def test_quick_preset_settings_are_pinned():
         0.0, 0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9]
     baseline = manifest()["baselines"]["untrained"]  # the MANIFEST's untrained student is the quick student
     assert baseline["dims"] == quick.student_dims and baseline["params"] == 66_875
+
+
+def test_a_trial_trains_the_same_whether_or_not_it_built_the_teacher_cache(smoke_inputs, tmp_path):
+    """Building the teacher-target cache loads (and so first initialises) a teacher, drawing from
+    torch's global stream, which dropout then draws from: the trial that builds the cache must
+    train exactly like one that finds it built."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(smoke_inputs.data, store, ignore=shutil.ignore_patterns("teacher_cache"))
+    cfg = _config(smoke_inputs, data=str(store), steps=10, eval_every=10, num_seeds=2, d_coef=0.45,
+                  student_dims=dict(enc_dim=32, mlp_dim=32, latent_dim=16, task_dim=8, num_q=2, dropout=0.1))
+    runs = []
+    for name in ("builds", "reads"):
+        (tmp_path / name).mkdir()
+        collect = Collect(keep_checkpoint=tmp_path / name)
+        run_trial(cfg, TrialContext(name), collect)
+        runs.append(torch.load(tmp_path / name / TRAINER_FILE, weights_only=True))
+    assert (store / "teacher_cache").is_dir()
+    built, read = (r["params"] if "params" in r else r for r in runs)
+    for name, value in built.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, read[name]), name

@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from agent.ops import layer_ln_mish, mish, simnorm  # noqa: F401  (simnorm: the one definition, also importable from here)
 

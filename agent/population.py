@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from agent import native
 from agent.checkpoint import atomic_torch_save, read_checkpoint
 from agent.compiled import maybe_compile, wanted
 from agent.config import PRECISIONS, ModelConfig, TrainConfig
@@ -40,7 +41,6 @@ from agent.distill import CACHEABLE, TeacherTargets
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
 from agent.ops import fallback, member_kernels
-from agent import native
 from agent.runtime import flushed_denormals, keep_freed_memory
 from agent.scale import RunningScale
 from agent.train import model_param_groups, policy_objective, policy_param_names
@@ -155,28 +155,24 @@ class Population:
         self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in self.seeds]
         self.step = 0
         self._rate_window: list[float] = []
-        self.fused = self._member_kernels_reason(cfg, precision) is None
+        self.fused = self._use_member_kernels(cfg, precision)
         self._model_update = maybe_compile(self._model_step, "torch.compile of the population's model update",
                                            cfg.compile, self.device, cfg.compile_mode)
         self._policy_update = maybe_compile(self._policy_step, "torch.compile of the population's policy update",
                                             cfg.compile, self.device, cfg.compile_mode)
 
-    def _member_kernels_reason(self, cfg: TrainConfig, precision: str) -> str | None:
-        """Why the modules' LayerNorm + Mish cannot run in the native member kernel here (said once
-        as a warning where it matters), or None when it can."""
-        if not cfg.fast_kernels or wanted(cfg.compile, self.device):
-            return "off"  # the reference path asked for, or torch.compile fuses the step itself
+    def _use_member_kernels(self, cfg: TrainConfig, precision: str) -> bool:
+        """Whether the modules' LayerNorm + Mish runs in the native member kernel: CPU float32
+        populations with cfg.fast_kernels and no torch.compile (which fuses the step itself). A
+        CPU population the kernel cannot serve says why, once."""
+        if not cfg.fast_kernels or wanted(cfg.compile, self.device) or self.device.type != "cpu":
+            return False
         dtype = self.params["_pi.0.weight"].dtype
-        reason = None
-        if self.device.type != "cpu":
-            reason = f"the native kernels run on CPU, the population is on {self.device.type}"
-        elif dtype is not torch.float32 or precision != "fp32":
-            reason = f"the native kernels take float32, the population trains in {precision if precision != 'fp32' else dtype}"
-        elif not native.available():
-            return "unavailable"  # loading the kernels said so already
-        if reason is not None and self.device.type == "cpu":
-            fallback("population: fused LayerNorm + Mish -> torch ops", reason)
-        return reason
+        if dtype is not torch.float32 or precision != "fp32":
+            fallback("population: fused LayerNorm + Mish -> torch ops",
+                     f"the native kernels take float32, the population trains in {dtype if precision == 'fp32' else precision}")
+            return False
+        return native.available()  # unavailable: loading the kernels said why
 
     # -- functional calls (one member; vmapped over K) ----------------------------------------
     @staticmethod

@@ -407,11 +407,10 @@ def run_sweep(args: argparse.Namespace) -> Path:
         if args.address is not None:
             check_cluster_gpus(args.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
         trials = args.num_samples if args.search != "grid" else len(configs)
-        cpus = trial_cpus(args.cpus_per_trial, trials, ray.cluster_resources().get("CPU", 1.0), args.gpus_per_trial,
-                          args.address)
-        if args.cpus_per_trial is None and cpus != 1.0:
-            print(f"{trials} trials on {ray.cluster_resources().get('CPU', 1.0):g} CPUs: all at once, {cpus:g} CPU each",
-                  file=sys.stderr)
+        machine_cpus = ray.cluster_resources().get("CPU", 1.0)
+        cpus = trial_cpus(args.cpus_per_trial, trials, machine_cpus, args.gpus_per_trial, args.address)
+        if cpus != (args.cpus_per_trial or 1.0):
+            print(f"{trials} trials on {machine_cpus:g} CPUs: all at once, {cpus:g} CPU each", file=sys.stderr)
         resources = {"cpu": cpus, "gpu": args.gpus_per_trial}
         fn = tune.with_resources(trainable, resources)
         experiment = f"{storage_path}/{EXPERIMENT}"

@@ -81,3 +81,22 @@ def test_external_figures_are_labelled_and_no_ratio_uses_them(script, args):
     assert {"source", "machine", "date"} <= set(external)
     assert "authors" not in json.dumps(data["rows"])  # no speed-up against the authors' figures
     assert "not measured in this run" in result.stdout
+
+
+def test_population_benchmark_ratios_are_its_own_measurements():
+    """One tiny run: each ratio is the population's rate over the separate processes' rate, both
+    measured in that run, and the population ran on the threads asked for."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = str(REPO / "benchmarks" / "population.py")
+    result = subprocess.run([sys.executable, script, "--members", "2", "--updates", "2", "--compile", "off",
+                             "--threads", "1"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = _last_json(result.stdout)
+    assert data["population_threads"] == 1 and set(data["members"]) == {"2"}
+    row = data["members"]["2"]
+    assert row["separate_updates_per_s"] > 0 and row["eager"]["population_updates_per_s"] > 0
+    assert row["eager"]["ratio"] == pytest.approx(row["eager"]["population_updates_per_s"] / row["separate_updates_per_s"],
+                                                  abs=0.02)
+    bad = subprocess.run([sys.executable, script, "--threads", "0"], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=REPO)
+    assert bad.returncode == 2 and "--threads must be >= 1, got 0" in bad.stderr

@@ -38,6 +38,22 @@ def verdict(row: dict) -> str:
     return text + "the 95% CI includes 0: no detectable difference."
 
 
+def comparison(row: dict) -> str:
+    """One sentence on a `paired.versus_reference_value` row: the setting minus its partner at the
+    reference value, paired by seed, and whether the 95% CI excludes 0."""
+    label, partner, pairs = row["label"], row["partner_label"], int(row["n_pairs"])
+    head = f"{label} vs {partner}" + (f" ({row['held']}): " if row["held"] else ": ")
+    if pairs < 2:
+        return head + f"{pairs} paired seed(s); a CI needs at least 2: no conclusion."
+    text = head + (f"{number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])} "
+                   f"on {pairs} paired seeds; ")
+    if row["delta_ci_low"] > 0:
+        return text + f"the 95% CI excludes 0: {label} scores higher."
+    if row["delta_ci_high"] < 0:
+        return text + f"the 95% CI excludes 0: {label} scores lower."
+    return text + "the 95% CI includes 0: no detectable difference."
+
+
 def verdicts(paired: pd.DataFrame) -> list[str]:
     """`verdict` of every distilled setting of a `paired.paired_table`, in setting order."""
     return [verdict(row) for row in paired.to_dict("records") if not row["is_scratch"]]

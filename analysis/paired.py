@@ -76,3 +76,32 @@ def paired_table(endpoints: pd.DataFrame, columns: list[str], reference: dict[st
                         "delta": paired.mean, "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
                         "n_pairs": paired.n_pairs, "scratch_seeds": len(seed_scores(scratch_rows(endpoints, setting)))})
     return pd.DataFrame(records, columns=[*columns, *PAIRED_COLUMNS])
+
+
+def versus_reference_value(endpoints: pd.DataFrame, columns: list[str], reference: dict[str, object],
+                           column: str) -> pd.DataFrame:
+    """Distilled settings (d_coef != 0) compared with the same setting at `reference[column]`, seed by
+    seed: e.g. teacher_size=small minus teacher_size=large, every other setting column equal.
+
+    One row per setting of `columns` whose `column` value differs from the reference value and that
+    has such a partner: the setting columns, then label (`column`'s value), partner_label (the
+    reference value), held (the other columns' values), delta / delta_ci_low / delta_ci_high / n_pairs."""
+    records = []
+    settings = dict(group_by_setting(endpoints, columns))
+    for values, rows in settings.items():
+        setting = dict(zip(columns, values))
+        if is_scratch(rows) or same_value(setting[column], reference[column]):
+            continue
+        partner = tuple(reference[column] if c == column else v for c, v in zip(columns, values))
+        partner_rows = next((r for key, r in settings.items() if all(map(same_value, key, partner))), None)
+        if partner_rows is None:
+            continue
+        paired = paired_difference(seed_scores(rows), seed_scores(partner_rows))
+        others = [c for c in columns if c != column]
+        records.append({**setting, "label": setting_label([column], (setting[column],)),
+                        "partner_label": setting_label([column], (reference[column],)),
+                        "held": setting_label(others, tuple(setting[c] for c in others)) if others else "",
+                        "delta": paired.mean, "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
+                        "n_pairs": paired.n_pairs})
+    return pd.DataFrame(records, columns=[*columns, "label", "partner_label", "held", "delta", "delta_ci_low", "delta_ci_high",
+                                          "n_pairs"])

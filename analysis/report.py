@@ -18,9 +18,9 @@ import io  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 
-from analysis.findings import endpoint_name, evaluation_noise, headline, verdicts  # noqa: E402
-from analysis.load import RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri, load_results  # noqa: E402
-from analysis.paired import SCRATCH_FREE_KEYS, paired_table  # noqa: E402
+from analysis.findings import comparison, endpoint_name, evaluation_noise, headline, verdicts  # noqa: E402
+from analysis.load import CONFIG_PREFIX, RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri, load_results  # noqa: E402
+from analysis.paired import SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, versus_reference_value  # noqa: E402
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
 from analysis.plots import report_figures  # noqa: E402
 from analysis.render import csv_text, display, html_table, markdown, table_latex, table_markdown  # noqa: E402
@@ -28,6 +28,7 @@ from analysis.stats import N_RESAMPLES  # noqa: E402
 from analysis.summary import learning_curves, setting_label, setting_summaries  # noqa: E402
 from analysis.tables import Table, build_tables, reference_setting  # noqa: E402
 from analysis.trials import endpoint_outcomes, trial_outcomes  # noqa: E402
+from analysis.values import format_value  # noqa: E402
 from analysis.twoway import (TwoWayTable, two_way_csv, two_way_display, two_way_latex, two_way_markdown,  # noqa: E402
                              two_way_table)
 
@@ -163,6 +164,7 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     blocks += [("h2", "Headline"), ("p", summary)] if summary else []
     blocks += [("ul", facts)]
     blocks += paired_blocks(paired, endpoints, results.setting_columns, endpoint)
+    blocks += between_values_blocks(endpoints, results.setting_columns, reference, endpoint)
     blocks += [("h2", "How to read the tables"), ("ul", [
         "score: normalized score (mean over tasks of return / 10), averaged over seeds, of each run's "
         "last train-phase evaluation; in the quantization table, of the final evaluation at that precision.",
@@ -229,6 +231,28 @@ def paired_blocks(paired, endpoints, setting_columns: list[str], endpoint: str) 
         sentences = verdicts(paired) or ["Only scratch settings ran: nothing to compare."]
     return [("h2", "Distillation vs scratch (paired by seed)"), ("p", intro), ("ul", sentences),
             ("p", evaluation_noise(endpoints, setting_columns, endpoint))]
+
+
+def between_values_blocks(endpoints, setting_columns: list[str], reference: dict[str, object],
+                          endpoint: str) -> list[tuple]:
+    """For each swept key but d_coef (teacher size, target, batch size...): every distilled setting
+    minus the same setting at the key's reference value, paired by seed (`versus_reference_value`);
+    nothing when no setting has such a partner."""
+    blocks = []
+    for column in setting_columns:
+        key = column.removeprefix(CONFIG_PREFIX)
+        if key == SCRATCH_KEY:
+            continue
+        rows = versus_reference_value(endpoints, setting_columns, reference, column)
+        if rows.empty:
+            continue
+        held = format_value(reference[column])
+        intro = (f"Each distilled setting's {endpoint} score minus that of the same setting at {key}={held} "
+                 f"(the value the other tables hold it at), seed by seed over the seeds both ran; 95% "
+                 f"percentile-bootstrap CI of the mean difference ({N_RESAMPLES} resamples, fixed seed).")
+        blocks += [("h2", f"{key}: against {key}={held} (paired by seed)"), ("p", intro),
+                   ("ul", [comparison(row) for row in rows.to_dict("records")])]
+    return blocks
 
 
 def blocks_markdown(blocks: list[tuple]) -> str:

@@ -16,7 +16,7 @@ import scipy.stats
 
 from analysis.findings import evaluation_noise
 from analysis.load import ResultsError, load_results
-from analysis.paired import paired_table
+from analysis.paired import paired_table, versus_reference_value
 from analysis.paper import PAPER_LABEL
 from analysis.plots import (PAPER_AXIS_LABEL, SCORE_LABEL, SIZE_LABEL, STEPS_LABEL, learning_curves_figure,
                             report_figures)
@@ -543,6 +543,37 @@ def test_scratch_is_shared_across_teacher_size_but_not_across_batch_size(tmp_pat
     text = build_report(sweep, formats=("md",)).read_text(encoding="utf-8")
     assert ("- batch_size=1024: the sweep has no scratch setting (d_coef = 0) with the same other settings: "
             "not compared.") in text
+
+
+def test_teacher_sizes_and_batch_sizes_are_compared_with_the_reference_value_seed_by_seed(tmp_path):
+    """Beside each setting against scratch, every distilled setting against the same setting at the
+    swept key's reference value (the base config's): small minus large teacher, batch 1024 minus
+    256, paired by seed, with the bootstrap CI of the differences and a verdict."""
+    small_shift = {s: -2.0 + NOISE[s] for s in SEEDS}  # small = large - 2 + noise: resolved
+    batch_shift = NO_EFFECT  # batch 1024 = large + this, around 0: unresolved
+    large = {s: SCRATCH[s] + 3.0 for s in SEEDS}
+    rows = (member_rows("scratch", 0.0, SCRATCH, teacher_size="large")
+            + member_rows("small", 0.45, {s: large[s] + small_shift[s] for s in SEEDS}, teacher_size="small")
+            + member_rows("large", 0.45, {**large, 6: 50.0}, teacher_size="large")  # seed 6 has no partner
+            + member_rows("b1024", 0.45, {s: large[s] + batch_shift[s] for s in SEEDS}, teacher_size="large",
+                          batch_size=1024))
+    sweep = write_sweep(tmp_path / "sweep", rows, swept=("d_coef", "teacher_size", "batch_size"))
+    results, trials, _, reference, _ = analyse(sweep)
+    compared = versus_reference_value(endpoint_outcomes(results, trials), results.setting_columns, reference,
+                                      "config.teacher_size")
+    assert compared["label"].tolist() == ["teacher_size=small"]
+    assert compared[["delta", "n_pairs"]].iloc[0].tolist() == pytest.approx([np.mean(list(small_shift.values())), 5])
+    text = build_report(sweep, formats=("md",)).read_text(encoding="utf-8")
+    small_ci = "[{:.2f}, {:.2f}]".format(*percentile_ci(list(small_shift.values())))
+    batch_ci = "[{:.2f}, {:.2f}]".format(*percentile_ci(list(batch_shift.values())))
+    assert "## teacher_size: against teacher_size=large (paired by seed)" in text
+    assert (f"- teacher_size=small vs teacher_size=large (d_coef=0.45, batch_size=256): -2.03 {small_ci} on 5 paired "
+            "seeds; the 95% CI excludes 0: teacher_size=small scores lower.") in text
+    assert "## batch_size: against batch_size=256 (paired by seed)" in text
+    assert (f"- batch_size=1024 vs batch_size=256 (d_coef=0.45, teacher_size=large): "
+            f"{np.mean(list(batch_shift.values())):+.2f} {batch_ci} on 5 paired seeds; the 95% CI includes 0: "
+            "no detectable difference.") in text
+    assert "## d_coef: against" not in text  # d_coef is compared with scratch, above
 
 
 def test_evaluation_noise_is_stated_beside_the_between_seed_spread(population_report, d_coef_report):

@@ -307,6 +307,10 @@ def test_quick_preset_settings_are_pinned():
     assert quick.train == {"compile": "on"} and quick.train_config().compile == "on"
     assert quick.steps // quick.eval_every >= 4  # every learning curve has at least 4 points
     assert [p["d_coef"] for p in grid_points("d_coef", quick, [])] == [0.0, 0.4, 0.9]
+    assert [(p.get("target"), p["d_coef"]) for p in grid_points("target", quick, []) if "d_coef" in p] == [(None, 0.0)]
+    assert [p["target"] for p in grid_points("target", quick, []) if "target" in p] == [
+        "reward", "latent_linear", "latent_pca"]  # the paper's target ablation, plus scratch
+    assert len(grid_points("target", preset_config("paper"), [])) == 8  # every target, plus scratch
     assert [p["d_coef"] for p in grid_points("d_coef", preset_config("paper"), [])] == [
         0.0, 0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9]
     baseline = manifest()["baselines"]["untrained"]  # the MANIFEST's untrained student is the quick student

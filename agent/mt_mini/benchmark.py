@@ -56,8 +56,9 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "eval_planner": {"num_samples": 128, "iterations": 3},  # the manifest's planner
     "quant_modes": ["fp32"],     # each extra mode costs one more evaluation per student
     "teacher_size": "large",
-    # the population update compiled by inductor on CPU: ~130 ms per update of 5 students at batch
-    # 256 against ~195 ms eager; compiling costs ~2 min once per machine (torch's inductor cache)
+    # the population update compiled by inductor on CPU: 5 students at batch 256 take ~0.65x the
+    # eager update's time (README, benchmarks/population.py); compiling costs ~2 min once per
+    # machine (torch's inductor cache)
     "train": {"compile": "on"},
     # not a trial setting: torch threads per trial process
     "torch_threads": 1,

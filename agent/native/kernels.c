@@ -1,8 +1,10 @@
 /* Fused element-wise kernels for CPU inference and training (float32, row-major, single-threaded).
  *
- * Written with GCC/Clang vector extensions (16 lanes): one AVX-512 register with -march=native on
- * machines that have it, two AVX2 registers otherwise. No -ffast-math: the exp below relies on
- * exact float rounding. Built by agent/native/build.py, bound by agent/native/bindings.py.
+ * Written with GCC/Clang vector extensions, one register wide: 16 lanes with AVX-512 (-march=native
+ * on machines that have it), 8 otherwise. GCC 12 lowers a 16-lane vector on AVX2 to scalar
+ * compares, selects and conversions (vmin, vsel, vexp's rounding): a 3x slower MPPI value
+ * estimate. No -ffast-math: the exp below relies on exact float rounding. Built by
+ * agent/native/build.py, bound by agent/native/bindings.py.
  *
  * ABI checked at load time: every exported function is preceded by SIGNATURE(name, "r:args"), one
  * character per argument (p pointer, l int64_t, i int, f float, d double; r the result, v void),
@@ -30,11 +32,15 @@ static inline int thread_index(void) { return omp_get_thread_num(); }
 static inline int thread_index(void) { return 0; }
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+#ifdef __AVX512F__
 #define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
-static inline vf splat(float v) { return (vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+static inline vf splat(float v) { return (vf){0} + v; }
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf load_part(const float *p, int64_t n, float fill) {
@@ -55,7 +61,7 @@ static inline vf vsel(vi mask, vf a, vf b) {
 }
 static inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
 static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
-static inline float hsum(vf v) { /* pairwise: log2(16) dependent adds, not 16 */
+static inline float hsum(vf v) { /* pairwise: log2(LANES) dependent adds, not LANES */
   float a[LANES];
   memcpy(a, &v, sizeof a);
   for (int w = LANES / 2; w > 0; w >>= 1)
@@ -296,7 +302,8 @@ static inline float decode_row(const float *row, const float *bias, int64_t bins
     mx = vmax(mx, v);
   }
   vf m = splat(hmax(mx)), sum = splat(0.f), wsum = splat(0.f);
-  vf lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vf lane;
+  for (int k = 0; k < LANES; ++k) lane[k] = (float)k;
   for (i = 0; i < bins; i += LANES) {
     int64_t n = bins - i < LANES ? bins - i : LANES;
     vf v = n == LANES ? load(row + i) : load_part(row + i, n, -INFINITY);

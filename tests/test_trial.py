@@ -304,7 +304,7 @@ def test_quick_preset_settings_are_pinned():
     assert quick.student_dims == dict(enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16, num_q=2)
     assert (quick.num_seeds, quick.steps, quick.batch_size, quick.lr) == (5, 3000, 256, 3e-3)
     assert (quick.eval_every, quick.eval_episodes, quick.final_eval_episodes, quick.eval_max_steps) == (750, 2, 6, 200)
-    assert quick.train == {"compile": "on"} and quick.train_config().compile == "on"
+    assert quick.train == {} and quick.train_config().compile == "auto"  # eager on CPU, compiled on CUDA
     assert quick.steps // quick.eval_every >= 4  # every learning curve has at least 4 points
     assert [p["d_coef"] for p in grid_points("d_coef", quick, [])] == [0.0, 0.4, 0.9]
     assert [(p.get("target"), p["d_coef"]) for p in grid_points("target", quick, []) if "d_coef" in p] == [(None, 0.0)]

@@ -56,10 +56,10 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "eval_planner": {"num_samples": 128, "iterations": 3},  # the manifest's planner
     "quant_modes": ["fp32"],     # each extra mode costs one more evaluation per student
     "teacher_size": "large",
-    # the population update compiled by inductor on CPU: 5 students at batch 256 take ~0.65x the
-    # eager update's time (README, benchmarks/population.py); compiling costs ~2 min once per
-    # machine (torch's inductor cache)
-    "train": {"compile": "on"},
+    # no "train.compile": the population update runs eagerly on CPU (compile "auto"), with the
+    # native member kernel. Measured on an AVX2 host, 1 thread, 5 students: 161 ms per update
+    # eager, 166 ms compiled by inductor, plus 1-3 minutes of compiling per trial on first use
+    # (README); `--set train.compile=on` compiles it.
     # not a trial setting: torch threads per trial process
     "torch_threads": 1,
 }

@@ -9,6 +9,9 @@ tasks of the mean score over episodes.
 copy k of a task is reset k + 1 times (the first k resets are discarded), so it starts from the
 same state as the k-th episode of a sequential run. `evaluate(..., batched=False)` runs that
 sequential loop (one environment per task, E = 1 per agent call) as the reference.
+`evaluate_members` evaluates several models of one architecture (a population's members, each
+with its own seed) in one lockstep batch: every member's environments in the same agent calls,
+each member planning with its own weights and random streams, as `evaluate` would alone.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class _Slot:
     task: str
     task_id: int
     episode: int
+    member: int = 0
 
 
 def _task_set(model: WorldModel, tasks: Sequence[str], task_set: Sequence[str] | None) -> TaskSet:
@@ -52,7 +56,7 @@ def _task_set(model: WorldModel, tasks: Sequence[str], task_set: Sequence[str] |
     return ts
 
 
-def _make_agent(model: WorldModel, plan: bool, seed: int, overrides: dict[str, Any] | None,
+def _make_agent(model: WorldModel | list[WorldModel], plan: bool, seed: int, overrides: dict[str, Any] | None,
                 compile: str = "auto") -> Agent:
     settings = {"seed": seed, **(overrides or {}), "mpc": plan}
     return Agent(model, compile=compile, **settings)
@@ -71,16 +75,21 @@ def _env_at_episode(task: str, seed: int, episode: int, max_steps: int | None) -
 
 
 def _run_lockstep(agent: Agent, envs: list[DMCEnv] | LocalEnvs | EnvWorkers, slots: list[_Slot], ts: TaskSet,
-                  multitask: bool, bar: tqdm) -> np.ndarray:
+                  multitask: bool, bar: tqdm, member_seeds: list[int] | None = None) -> np.ndarray:
     """Run one episode in each env, all in lockstep (one agent call per step). Returns (E,) float32 returns.
 
     `envs`: a list of environments (stepped here) or an env group (`agent.envs.workers`: in this
     process or in worker processes). Each (task, episode) plans with its own random stream, so
-    batching does not change its noise."""
+    batching does not change its noise. member_seeds: the agent seed of each member (several
+    members: slot i plans with member `slots[i].member`'s weights and seed)."""
     group = envs if isinstance(envs, (LocalEnvs, EnvWorkers)) else LocalEnvs(envs, ts.obs_pad)
     num_envs = len(group)
     task_ids = [s.task_id for s in slots]
-    agent.set_env_keys([s.task_id * 1_000_003 + s.episode for s in slots])
+    keys = [s.task_id * 1_000_003 + s.episode for s in slots]
+    if member_seeds is None:
+        agent.set_env_keys(keys)
+    else:
+        agent.set_env_keys(keys, seeds=[member_seeds[s.member] for s in slots], members=[s.member for s in slots])
     obs = group.reset()  # (E, obs_pad)
     ids = torch.tensor(task_ids, dtype=torch.long) if multitask else None
     returns = np.zeros(num_envs, np.float32)
@@ -120,6 +129,45 @@ def evaluate(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, 
     Returns one row per (task, episode): task, episode, return (float32 running sum), score = return / 10.
     """
     tasks = list(tasks)
+    if not batched:
+        _check_request(tasks, episodes, max_steps, env_workers)
+        ts = _task_set(model, tasks, task_set)
+        agent = _make_agent(model, plan, seed, agent_overrides, compile)
+        slots = [_Slot(task, ts.task_id(task), k) for task in tasks for k in range(episodes)]
+        returns = np.zeros(len(slots), np.float32)
+        desc = f"eval {len(tasks)} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
+        with tqdm(total=(max_steps or EPISODE_LENGTH) * len(slots), desc=desc, disable=not progress, leave=False) as bar:
+            i = 0
+            for task in tasks:  # the official loop: one env per task, successive resets
+                env = _env_at_episode(task, seed, 0, max_steps)
+                for _ in range(episodes):
+                    returns[i] = _run_lockstep(agent, [env], [slots[i]], ts, bool(getattr(model, "multitask", True)), bar)[0]
+                    i += 1
+        return _frame(slots, returns)
+    return _evaluate_batched([model], tasks, episodes, [seed], plan, agent_overrides, progress, task_set, max_steps,
+                             env_workers, compile)[0]
+
+
+def evaluate_members(models: Sequence[WorldModel], tasks: Sequence[str], episodes: int, seeds: Sequence[int],
+                     plan: bool = True, agent_overrides: dict[str, Any] | None = None, progress: bool = True,
+                     task_set: Sequence[str] | None = None, max_steps: int | None = None, env_workers: int = 0,
+                     compile: str = "auto") -> list[pd.DataFrame]:
+    """`evaluate(models[k], tasks, episodes, seeds[k], ...)` for every k, as one lockstep batch of
+    all K x tasks x episodes environments (one agent call per step; each member's value estimate
+    runs over its own rows with its own weights). models: K models of one architecture (e.g. a
+    population's members); seeds: (K,) their evaluation seeds (environment seeds and, unless
+    agent_overrides sets one, planner seeds). Returns K DataFrames in evaluate()'s format."""
+    models, seeds = list(models), [int(s) for s in seeds]
+    if not models or len(models) != len(seeds):
+        raise ConfigError(f"evaluate_members: {len(models)} models for {len(seeds)} seeds")
+    shapes = {(m.cfg.obs_dim, m.cfg.action_dim, m.cfg.latent_dim, m.cfg.mlp_dim, m.cfg.num_q) for m in models}
+    if len(shapes) > 1:
+        raise ConfigError(f"evaluate_members: the models differ in architecture {sorted(shapes)}")
+    return _evaluate_batched(models, tasks, episodes, seeds, plan, agent_overrides, progress, task_set, max_steps,
+                             env_workers, compile)
+
+
+def _check_request(tasks: Sequence[str], episodes: int, max_steps: int | None, env_workers: int) -> None:
     if episodes < 1:
         raise ConfigError(f"evaluate: episodes must be >= 1, got {episodes}")
     if not tasks:
@@ -128,25 +176,44 @@ def evaluate(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, 
         raise ConfigError(f"evaluate: max_steps must be >= 1, got {max_steps}")
     if env_workers < 0:
         raise ConfigError(f"evaluate: env_workers must be >= 0, got {env_workers}")
-    ts = _task_set(model, tasks, task_set)
-    multitask = bool(getattr(model, "multitask", True))
-    agent = _make_agent(model, plan, seed, agent_overrides, compile)
-    slots = [_Slot(task, ts.task_id(task), k) for task in tasks for k in range(episodes)]
-    steps = max_steps or EPISODE_LENGTH
-    total = steps if batched else steps * len(slots)
-    desc = f"eval {len(tasks)} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
-        if batched:
-            with env_group([EnvSpec(s.task, seed, s.episode, max_steps) for s in slots], ts.obs_pad, env_workers) as envs:
-                returns = _run_lockstep(agent, envs, slots, ts, multitask, bar)
-        else:
-            returns = np.zeros(len(slots), np.float32)
-            i = 0
-            for task in tasks:  # the official loop: one env per task, successive resets
-                env = _env_at_episode(task, seed, 0, max_steps)
-                for _ in range(episodes):
-                    returns[i] = _run_lockstep(agent, [env], [slots[i]], ts, multitask, bar)[0]
-                    i += 1
+
+
+def _evaluate_batched(models: list[WorldModel], tasks: Sequence[str], episodes: int, seeds: list[int], plan: bool,
+                      agent_overrides: dict[str, Any] | None, progress: bool, task_set: Sequence[str] | None,
+                      max_steps: int | None, env_workers: int, compile: str) -> list[pd.DataFrame]:
+    """One lockstep run over every (member, task, episode) environment; member k's environments
+    are built with seeds[k]. Returns one DataFrame per member."""
+    tasks = list(tasks)
+    _check_request(tasks, episodes, max_steps, env_workers)
+    ts = _task_set(models[0], tasks, task_set)
+    multitask = bool(getattr(models[0], "multitask", True))
+    agent = _make_agent(models if len(models) > 1 else models[0], plan, seeds[0], agent_overrides, compile)
+    slots = [_Slot(task, ts.task_id(task), k, member) for member in range(len(models))
+             for task in tasks for k in range(episodes)]
+    planner_seeds = None
+    if len(models) > 1:
+        planner_seeds = [int((agent_overrides or {}).get("seed", s)) for s in seeds]
+    members = f"{len(models)} models x " if len(models) > 1 else ""
+    desc = f"eval {members}{len(tasks)} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
+    specs = [EnvSpec(s.task, seeds[s.member], s.episode, max_steps) for s in slots]
+    # eval mode once for the whole run: otherwise every agent call switches each member back and forth
+    training = [m for m in models if getattr(m, "training", False)]
+    for m in training:
+        m.eval()
+    try:
+        with tqdm(total=max_steps or EPISODE_LENGTH, desc=desc, disable=not progress, leave=False) as bar:
+            with env_group(specs, ts.obs_pad, env_workers) as envs:
+                returns = _run_lockstep(agent, envs, slots, ts, multitask, bar, planner_seeds)
+    finally:
+        for m in training:
+            m.train(True)
+    per_member = len(tasks) * episodes
+    return [_frame(slots[k * per_member:(k + 1) * per_member], returns[k * per_member:(k + 1) * per_member])
+            for k in range(len(models))]
+
+
+def _frame(slots: list[_Slot], returns: np.ndarray) -> pd.DataFrame:
+    """evaluate()'s rows: task, episode, return (float64 of the float32 sum), score."""
     return pd.DataFrame({
         "task": [s.task for s in slots],
         "episode": [s.episode for s in slots],

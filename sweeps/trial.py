@@ -18,7 +18,7 @@ import torch
 from agent.checkpoint import load_world_model, save_world_model
 from agent.config import TrainConfig, model_config
 from agent.data import EpisodeStore
-from agent.evaluate import evaluate, normalized_score, task_scores
+from agent.evaluate import evaluate_members, normalized_score, task_scores
 from agent.population import Population, offline_members
 from agent.world_model import WorldModel
 from sweeps.config import TrialConfig
@@ -113,15 +113,22 @@ def eval_env_workers(device: torch.device) -> int:
     return max(0, min(8, cpus - 1))
 
 
-def _evaluate(model: WorldModel, cfg: TrialConfig, tasks: list[str], seed: int, step: int) -> Evaluation:
-    """Model at `step` evaluated with the trial's protocol (`cfg.episodes_at(step)` episodes per task)."""
-    weights = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+def _evaluate(models: list[WorldModel], cfg: TrialConfig, tasks: list[str], seeds: list[int],
+              step: int) -> list[Evaluation]:
+    """Models at `step` (member k with seed seeds[k]) evaluated with the trial's protocol
+    (`cfg.episodes_at(step)` episodes per task), all members in one lockstep batch."""
+    weights = next(models[0].parameters(), None) if isinstance(models[0], torch.nn.Module) else None
     device = weights.device if weights is not None else torch.device("cpu")
     episodes = cfg.episodes_at(step)
-    df = evaluate(model, cfg.eval_tasks or tasks, episodes, seed=seed, plan=cfg.eval_plan,
-                  agent_overrides=dict(cfg.eval_planner), progress=False, task_set=tasks,
-                  max_steps=cfg.eval_max_steps, env_workers=eval_env_workers(device),
-                  compile=train_config(cfg).compile)
+    frames = evaluate_members(models, cfg.eval_tasks or tasks, episodes, seeds, plan=cfg.eval_plan,
+                              agent_overrides=dict(cfg.eval_planner), progress=False, task_set=tasks,
+                              max_steps=cfg.eval_max_steps, env_workers=eval_env_workers(device),
+                              compile=train_config(cfg).compile)
+    return [_evaluation(df, episodes) for df in frames]
+
+
+def _evaluation(df, episodes: int) -> Evaluation:
+    """One model's evaluation rows -> task scores and the standard error of their mean."""
     normalized_score(df)  # raises on an empty evaluation
     per_task = df.groupby("task", sort=False)["score"]
     if per_task.count().min() < 2:  # one episode per task: no spread to estimate the error from
@@ -275,7 +282,7 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
                     return
             if metrics is not None and members.step % cfg.log_every == 0 and i < chunk - 1:
                 log_metrics()  # at the chunk's last update: after its evaluation (below)
-        evaluations = [_evaluate(members.member(k), cfg, tasks, seed, members.step) for k, seed in enumerate(members.seeds)]
+        evaluations = _evaluate([members.member(k) for k in range(members.K)], cfg, tasks, list(members.seeds), members.step)
         latest = dict(zip(members.seeds, evaluations))
         rate = members.step * members.K / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -294,13 +301,14 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
         files = [save_world_model(members.member(k), Path(scratch) / f"student-{seed}.pt")
                  for k, seed in enumerate(members.seeds)]
         for mode in cfg.quant_modes:  # each precision goes through a real file and the loader
-            rows = []
-            for seed, fp32_file in zip(members.seeds, files):
-                result = quantize_file(fp32_file, mode, Path(scratch) / f"student-{seed}-{mode}.pt")
-                if mode == "fp32" and seed in latest and latest[seed].episodes == cfg.episodes_at(members.step):
-                    # the fp32 file holds the weights just evaluated (same seed, same protocol): reuse it
-                    evaluation = latest[seed]
-                else:
-                    evaluation = _evaluate(load_world_model(result.path, device=device), cfg, tasks, seed, members.step)
-                rows.append(_row(cfg, ctx, seed, members.step, "final", mode, evaluation, size_mib=result.size_mib))
-            report(rows, None)
+            results = [quantize_file(fp32_file, mode, Path(scratch) / f"student-{seed}-{mode}.pt")
+                       for seed, fp32_file in zip(members.seeds, files)]
+            evaluations = dict(latest) if mode == "fp32" else {}  # the fp32 files hold the weights just evaluated
+            fresh = [(seed, result) for seed, result in zip(members.seeds, results)
+                     if seed not in evaluations or evaluations[seed].episodes != cfg.episodes_at(members.step)]
+            if fresh:
+                evaluations.update(zip([seed for seed, _ in fresh], _evaluate(
+                    [load_world_model(result.path, device=device) for _, result in fresh], cfg, tasks,
+                    [seed for seed, _ in fresh], members.step)))
+            report([_row(cfg, ctx, seed, members.step, "final", mode, evaluations[seed], size_mib=result.size_mib)
+                    for seed, result in zip(members.seeds, results)], None)

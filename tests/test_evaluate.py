@@ -208,3 +208,42 @@ def test_mppi_batched_equals_one_by_one(student):
     np.testing.assert_allclose(first["return"][balance], sequential["return"][balance], rtol=0.02)
     assert first["return"][balance].iloc[0] == pytest.approx(sequential["return"][balance].iloc[0], rel=1e-4)
     assert (first["return"][balance] > 0.9 * steps * 2 * 0.9).all()  # balancing: reward ~2 per agent step
+
+
+@pytest.mark.parametrize("value_path", ["native", "torch"])
+def test_members_in_one_lockstep_batch_equal_their_separate_evaluations(value_path, monkeypatch):
+    """A population's members evaluated together (one agent call per step for all K x tasks x
+    episodes environments) score exactly what each scores evaluated alone with its own seed: each
+    member plans with its own weights, random streams and Q-head draws (num_q = 3)."""
+    from agent.rollout import PlanningKernels
+    from helpers import small_model
+
+    if value_path == "torch":  # the chunked torch value estimate instead of the one native call
+        monkeypatch.setattr(PlanningKernels, "value_net", lambda self, *args, **kwargs: None)
+    models = [small_model(seed, noise=0.3) for seed in (0, 1, 2)]
+    seeds, tasks, steps = [7, 8, 9], ["cartpole-balance", "reacher-easy"], 25
+    kwargs = dict(agent_overrides=TINY_MPPI, progress=False, max_steps=steps)
+    calls = []
+    real_act = Agent.act
+
+    def counting_act(self, obs, *args, **kw):
+        calls.append(tuple(obs.shape))
+        return real_act(self, obs, *args, **kw)
+
+    monkeypatch.setattr(Agent, "act", counting_act)
+    together = evaluation.evaluate_members(models, tasks, 2, seeds, **kwargs)
+    assert calls == [(12, models[0].cfg.obs_dim)] * steps  # 3 members x 2 tasks x 2 episodes per call
+    assert all(m.training for m in models)  # put back in the mode they came in
+    alone = [evaluate(m, tasks, 2, seed, **kwargs) for m, seed in zip(models, seeds)]
+    for k, (a, b) in enumerate(zip(together, alone)):
+        pd.testing.assert_frame_equal(a, b, obj=f"member {k}")
+    assert together[0]["return"].tolist() != together[1]["return"].tolist()
+
+
+def test_members_must_share_an_architecture_and_have_one_seed_each():
+    from helpers import small_model
+
+    with pytest.raises(ConfigError, match="2 models for 1 seeds"):
+        evaluation.evaluate_members([small_model(0), small_model(1)], ["cartpole-balance"], 1, [1])
+    with pytest.raises(ConfigError, match="differ in architecture"):
+        evaluation.evaluate_members([small_model(0), small_model(1, mlp_dim=32)], ["cartpole-balance"], 1, [1, 2])

@@ -138,3 +138,18 @@ def test_batched_planning_equals_planning_each_env_alone(student):
                   alone.act(obs[i:i + 1], task[i:i + 1], t0=False, eval_mode=False)]
         for b, s in zip(batched, single):
             torch.testing.assert_close(b[i:i + 1], s, rtol=0, atol=1e-4)  # matmul blocking only
+
+
+def test_member_environments_must_be_contiguous_and_in_range():
+    from helpers import small_model
+
+    agent = Agent([small_model(0), small_model(1)], seed=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        agent.set_env_keys([0, 1, 2], seeds=[1, 2, 1], members=[1, 0, 0])
+    with pytest.raises(ValueError, match="member 2 out of range"):
+        agent.set_env_keys([0, 1], members=[0, 2])
+    with pytest.raises(ValueError, match="3 seeds for 2 environments"):
+        agent.set_env_keys([0, 1], seeds=[1, 2, 3])
+    agent.set_env_keys([0, 1, 2], seeds=[1, 2, 2], members=[0, 1, 1])
+    with pytest.raises(ValueError, match="4 environments, but set_env_keys gave members for 3"):
+        agent.act(torch.zeros(4, agent.model.cfg.obs_dim), torch.zeros(4, dtype=torch.long))

@@ -151,7 +151,7 @@ def test_final_fp32_row_equals_a_fresh_evaluation_of_the_saved_file(smoke_inputs
     members = offline_members([build_student(cfg, tasks, 1)], cfg.data, train_config(cfg), [1], log=lambda _: None)
     members.load(tmp_path / TRAINER_FILE)
     path = save_world_model(members.member(0), tmp_path / "student.pt")
-    fresh = _evaluate(load_world_model(path), cfg, tasks, 1, cfg.steps)
+    fresh, = _evaluate([load_world_model(path)], cfg, tasks, [1], cfg.steps)
     assert final["task_scores"] == pytest.approx(fresh.task_scores, abs=1e-9)
 
 
@@ -161,13 +161,13 @@ def test_the_final_evaluation_uses_final_eval_episodes(smoke_inputs, monkeypatch
     import sweeps.trial as trial
 
     asked = []
-    real = trial.evaluate
+    real = trial.evaluate_members
 
-    def counting(model, tasks, episodes, *args, **kwargs):
+    def counting(models, tasks, episodes, *args, **kwargs):
         asked.append(episodes)
-        return real(model, tasks, episodes, *args, **kwargs)
+        return real(models, tasks, episodes, *args, **kwargs)
 
-    monkeypatch.setattr(trial, "evaluate", counting)
+    monkeypatch.setattr(trial, "evaluate_members", counting)
     cfg = _config(smoke_inputs, steps=20, eval_every=10, num_seeds=1, d_coef=0.0, eval_episodes=1,
                   final_eval_episodes=2, quant_modes=["fp32", "fp16"])
     collect = Collect()
@@ -187,8 +187,8 @@ def test_eval_se_is_the_standard_error_of_the_task_mean(smoke_inputs, monkeypatc
 
     frame = pd.DataFrame({"task": ["a", "a", "a", "b", "b", "b"], "episode": [0, 1, 2, 0, 1, 2],
                           "return": [0.0] * 6, "score": [1.0, 2.0, 3.0, 10.0, 10.0, 13.0]})
-    monkeypatch.setattr(trial, "evaluate", lambda *a, **k: frame)
-    result = trial._evaluate(None, _config(smoke_inputs), ["a", "b"], seed=1, step=1)
+    monkeypatch.setattr(trial, "evaluate_members", lambda models, *a, **k: [frame] * len(models))
+    result, = trial._evaluate([None], _config(smoke_inputs), ["a", "b"], seeds=[1], step=1)
     # var_a = 1, var_b = 3 (ddof 1), 3 episodes: se = sqrt(1/3 + 3/3) / 2
     assert result.se == pytest.approx(math.sqrt(1 / 3 + 1) / 2)
     assert result.task_scores == {"a": 2.0, "b": 11.0}

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.utils._pytree import tree_map
 
 from agent import native
 from agent.checkpoint import atomic_torch_save, read_checkpoint
@@ -87,6 +88,10 @@ class _PolicyLoss(nn.Module):
         loss, value, entropy = policy_objective(self.model, zs, task, eps_pi, self.scale, scale_value, self.cfg.loss,
                                                 fast=False)
         return loss, (value, entropy)
+
+
+def _detached(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _stack(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
@@ -177,11 +182,26 @@ class Population:
     # -- functional calls (one member; vmapped over K) ----------------------------------------
     @staticmethod
     def _per_member(fn: Callable, *args: Any) -> Any:
-        """vmap(grad_and_value(fn)) over the members -> (grads, (loss, aux)): every tensor argument
-        has a leading K dim, except the last (shared); None arguments (no task ids, no cached
-        targets) stay None."""
+        """Each member's gradient of fn with respect to its own slice of args[0] -> (grads, (loss,
+        aux)): every tensor argument has a leading K dim, except the last (shared); None arguments
+        (no task ids, no cached targets) stay None; the other arguments are constants.
+
+        Eager: the members' losses through vmap(fn), then one backward pass of their sum (member
+        k's loss depends on its own parameter slice only, so the gradient of the sum is each
+        member's own gradient; the same numbers as grad under vmap, and faster on CPU, where
+        torch.func wraps every call of the native member kernel, an autograd.Function, in a class
+        built per call). Under torch.compile: vmap(grad_and_value(fn)), which dynamo traces as one
+        graph (torch.autograd.grad would split the step)."""
         dims = tuple(None if a is None else 0 for a in args[:-1]) + (None,)
-        return vmap(grad_and_value(fn, has_aux=True), in_dims=dims, randomness="different")(*args)
+        if torch.compiler.is_compiling():
+            return vmap(grad_and_value(fn, has_aux=True), in_dims=dims, randomness="different")(*args)
+        params = {n: p.detach().requires_grad_(True) for n, p in args[0].items()}
+        constants = tree_map(_detached, args[1:])
+        with torch.enable_grad():
+            loss, aux = vmap(fn, in_dims=dims, randomness="different")(params, *constants)
+            grads = torch.autograd.grad(loss.sum(), list(params.values()), allow_unused=True)
+        grads = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+        return grads, (loss.detach(), tree_map(_detached, aux))
 
     # the two vmapped steps, each its own function: what cfg.compile compiles (agent.compiled;
     # one def each, so torch.compile keeps one cache per step)

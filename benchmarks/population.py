@@ -2,8 +2,9 @@
 
     population   K students in one process (agent.population.Population: torch.func over the
                  reference WorldModel), one Adam over stacked weights; eager (LayerNorm + Mish in
-                 the native member kernel) and compiled (torch.compile / inductor of the vmapped
-                 step, what the quick preset runs; its compile time is reported apart)
+                 the native member kernel; what the quick preset runs on CPU) and compiled
+                 (torch.compile / inductor of the vmapped step, `train.compile=on`; its compile
+                 time is reported apart)
     separate     K processes, each one student with the fast single-student Trainer (what K
                  separate trials do), all started at once on this machine's cores
 

@@ -200,3 +200,25 @@ def test_population_says_when_the_member_kernels_cannot_serve_it(monkeypatch):
     with pytest.warns(UserWarning, match="population: fused LayerNorm \\+ Mish -> torch ops: .*float64"):
         pop = Population(models, TrainConfig(batch_size=B, distill=DistillConfig(target=None)), seeds=[1, 2])
     assert not pop.fused
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["member-kernel", "reference-ops"])
+def test_eager_gradients_equal_the_torch_func_gradients_a_compiled_step_traces(fast, monkeypatch):
+    """Eager updates take each member's gradient by one backward pass of the members' summed loss;
+    a compiled step traces vmap(grad_and_value(...)) instead. Both give the same updates."""
+    models = [small_model(seed=s, num_q=2, dropout=0.0) for s in range(3)]
+    batches = _batches(3, 3, seed=5, num_tasks=len(models[0].cfg.tasks), teacher=True)
+    g = torch.Generator().manual_seed(8)
+    eps = [(torch.randn(3, H, B, 6, generator=g), torch.randn(3, H + 1, B, 6, generator=g)) for _ in range(3)]
+    cfg = TrainConfig(batch_size=B, fast_kernels=fast, distill=DistillConfig(target="reward", d_coef=0.45))
+    runs = {}
+    for functorch in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: functorch)
+        pop = Population(models, cfg, seeds=[1, 2, 3], cached_teacher=True)
+        runs[functorch] = pop, [pop.update(batches[t], *eps[t]) for t in range(3)]
+    (autograd_pop, autograd_metrics), (func_pop, func_metrics) = runs[False], runs[True]
+    for name in func_pop.params:
+        torch.testing.assert_close(autograd_pop.params[name], func_pop.params[name], rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(autograd_metrics[-1], func_metrics[-1]):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert float((autograd_pop.params["_pi.0.weight"] - torch.stack([m._pi[0].weight for m in models])).abs().max()) > 1e-4

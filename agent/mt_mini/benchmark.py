@@ -57,7 +57,7 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "quant_modes": ["fp32"],     # each extra mode costs one more evaluation per student
     "teacher_size": "large",
     # no "train.compile": the population update runs eagerly on CPU (compile "auto"), with the
-    # native member kernel. Measured on an AVX2 host, 1 thread, 5 students: 161 ms per update
+    # native member kernel. Measured on an AVX2 host, 1 thread, 5 students: 127 ms per update
     # eager, 166 ms compiled by inductor, plus 1-3 minutes of compiling per trial on first use
     # (README); `--set train.compile=on` compiles it.
     # not a trial setting: torch threads per trial process

@@ -3,7 +3,9 @@
 Every parameter, Adam moment and target-Q copy carries a leading member dim K. The update is the
 reference one (`agent.losses.compute_losses` and `agent.train.policy_objective` on the reference
 `WorldModel` methods), run by `torch.func`: `functional_call` puts member k's parameters into one
-shared module, `grad` differentiates, `vmap` batches over the K members. No second definition of
+shared module and `vmap` batches it over the K members; one backward pass of the members' summed
+losses gives each member its own gradient (a compiled step uses `grad` under `vmap`, the same
+numbers; see `Population._per_member`). No second definition of
 the network exists here; a member trains exactly as `agent.train.Trainer(fast_kernels=False)`
 would train it on the same batches and noise (tests/test_population.py pins it).
 

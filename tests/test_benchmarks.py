@@ -100,3 +100,20 @@ def test_population_benchmark_ratios_are_its_own_measurements():
     bad = subprocess.run([sys.executable, script, "--threads", "0"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=REPO)
     assert bad.returncode == 2 and "--threads must be >= 1, got 0" in bad.stderr
+
+
+def test_member_eval_benchmark_compares_its_own_two_timings_of_the_same_returns():
+    """One tiny run: the speed-up is separate seconds over together seconds from that run, and
+    evaluating the members together gave exactly the returns of evaluating them one by one."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MUJOCO_GL": "disable"}
+    script = str(REPO / "benchmarks" / "member_eval.py")
+    result = subprocess.run([sys.executable, script, "--members", "2", "--episodes", "1", "--steps", "3"],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = _last_json(result.stdout)
+    assert (data["members"], data["episodes"], data["steps"], data["threads"]) == (2, 1, 3, 1)
+    assert data["together_s"] > 0 and data["separate_s"] > 0 and data["same_returns"] is True
+    assert data["speedup"] == pytest.approx(data["separate_s"] / data["together_s"], rel=0.01)
+    bad = subprocess.run([sys.executable, script, "--members", "0"], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=REPO)
+    assert bad.returncode == 2 and "--members must be >= 1, got 0" in bad.stderr

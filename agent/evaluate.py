@@ -135,7 +135,7 @@ def evaluate(model: WorldModel, tasks: Sequence[str], episodes: int, seed: int, 
         agent = _make_agent(model, plan, seed, agent_overrides, compile)
         slots = [_Slot(task, ts.task_id(task), k) for task in tasks for k in range(episodes)]
         returns = np.zeros(len(slots), np.float32)
-        desc = f"eval {len(tasks)} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
+        desc = _progress_label(1, len(tasks), episodes, plan)
         with tqdm(total=(max_steps or EPISODE_LENGTH) * len(slots), desc=desc, disable=not progress, leave=False) as bar:
             i = 0
             for task in tasks:  # the official loop: one env per task, successive resets
@@ -193,8 +193,7 @@ def _evaluate_batched(models: list[WorldModel], tasks: Sequence[str], episodes: 
     planner_seeds = None
     if len(models) > 1:
         planner_seeds = [int((agent_overrides or {}).get("seed", s)) for s in seeds]
-    members = f"{len(models)} models x " if len(models) > 1 else ""
-    desc = f"eval {members}{len(tasks)} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
+    desc = _progress_label(len(models), len(tasks), episodes, plan)
     specs = [EnvSpec(s.task, seeds[s.member], s.episode, max_steps) for s in slots]
     # eval mode once for the whole run: otherwise every agent call switches each member back and forth
     training = [m for m in models if getattr(m, "training", False)]
@@ -210,6 +209,11 @@ def _evaluate_batched(models: list[WorldModel], tasks: Sequence[str], episodes: 
     per_member = len(tasks) * episodes
     return [_frame(slots[k * per_member:(k + 1) * per_member], returns[k * per_member:(k + 1) * per_member])
             for k in range(len(models))]
+
+
+def _progress_label(models: int, tasks: int, episodes: int, plan: bool) -> str:
+    members = f"{models} models x " if models > 1 else ""
+    return f"eval {members}{tasks} tasks x {episodes} ep ({'MPPI' if plan else 'policy'})"
 
 
 def _frame(slots: list[_Slot], returns: np.ndarray) -> pd.DataFrame:

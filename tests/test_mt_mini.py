@@ -107,6 +107,45 @@ def test_changed_budget_reruns_only_the_affected_stage(tiny_build: Path, tmp_pat
     assert m["teachers"]["large"]["steps"] == 4
 
 
+def test_build_from_a_finished_build_reruns_only_what_changed(tiny_build: Path, tmp_path: Path):
+    # a fresh work directory: no online replay, only the finished build's data, teachers and manifest
+    cfg = tiny_recipe()
+    small = TeacherRecipe("small", dict(enc_dim=48, mlp_dim=48, latent_dim=16, task_dim=8, num_q=2), 3)
+    messages: list[str] = []
+    out = tmp_path / "rebuilt"
+    m = build(RecipeConfig(**{**cfg.__dict__, "teachers": (small, cfg.teachers[1])}), out,
+              seed_from=tiny_build, log=messages.append)
+    ran = [msg[3:].rsplit(": ", 1)[0] for msg in messages if msg.endswith(": running")]
+    assert ran == ["teacher:small", "eval:teacher-small"]
+    before = json.loads((tiny_build / "MANIFEST.json").read_text())
+    assert m["teachers"]["small"]["dims"] == small.dims
+    assert m["teachers"]["small"]["params"] > before["teachers"]["small"]["params"]
+    assert m["teachers"]["large"] == before["teachers"]["large"]
+    assert (out / "teacher-large.pt").read_bytes() == (tiny_build / "teacher-large.pt").read_bytes()
+    assert m["baselines"] == before["baselines"] and m["task_selection"] == before["task_selection"]
+    assert m["data"]["sha256"] == before["data"]["sha256"]
+    carried = {s["name"]: s for s in before["stages"] if not s["name"].endswith("small")}
+    assert [s["name"] for s in m["stages"] if s["name"] not in carried] == ["teacher:small", "eval:teacher-small"]
+    for stage in m["stages"]:
+        if stage["name"] in carried:
+            assert stage == carried[stage["name"]], stage["name"]  # command, wall time, finish time, results
+
+
+def test_build_from_refuses_what_is_not_a_finished_build(tiny_build: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert mt_mini.main(["build", "--from", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --from") and "no MANIFEST.json" in err[0]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_build, damaged)
+    reward = next((damaged / "data").glob("reward*.npy"))
+    reward.write_bytes(reward.read_bytes()[:-4] + b"\0\0\0\1")
+    assert mt_mini.main(["build", "--from", str(damaged), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the sha256" in err[0]
+    assert not out.exists()  # refused before anything was written
+
+
 # -- dataset ------------------------------------------------------------------------------------
 
 def test_ensure_dataset_copies_the_pooled_replay_once_and_checks_it(tiny_build: Path, tmp_path: Path):
@@ -147,6 +186,14 @@ def test_dataset_cache_root_follows_env(monkeypatch, tmp_path: Path):
 def test_verify_step_reproduces_a_tiny_build_score(tiny_build: Path):
     result = mt_mini.verify_step("eval:teacher-large", tiny_build, log=lambda msg: None)
     assert result["ok"], result
+
+
+def test_verify_step_retrains_a_teacher_from_the_published_data(tiny_build: Path, tmp_path: Path):
+    # no work directory beside the build (like the shipped assets): the teacher trains on data/
+    copy = tmp_path / "build"
+    shutil.copytree(tiny_build, copy, ignore=shutil.ignore_patterns("work"))
+    result = mt_mini.verify_step("teacher:large", copy, log=lambda msg: None)
+    assert result["ok"] and result["measured"] == pytest.approx(result["expected"], abs=1e-4), result
 
 
 @pytest.mark.slow

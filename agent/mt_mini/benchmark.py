@@ -148,7 +148,8 @@ def verify_step(stage: str, directory: Path | None = None, work: Path | None = N
     """Re-run one cheap step of the recipe and compare with the manifest's figures.
 
     eval:teacher-small | eval:teacher-large | eval:untrained   re-evaluate (same seed and planner);
-    teacher:small | teacher:large   re-train from the pooled store in `work` (from `build --work`) and evaluate;
+    teacher:small | teacher:large   re-train from the pooled store (`work`/pool from `build --work`, else the
+                                    build's data/, checked against its sha256) and evaluate;
     online:<task>   re-run that task's online run in a temporary directory and evaluate.
     Returns {"stage", "expected", "measured", "tolerance", "ok"}.
     """
@@ -172,7 +173,11 @@ def verify_step(stage: str, directory: Path | None = None, work: Path | None = N
         elif kind == "teacher":
             target = stages[f"eval:teacher-{arg}"]
             expected, spread, slack = target["score"], target["episode_scores"], 2.0  # training is not bit-exact across machines
+            # the pooled store: a build's work directory, else the build's published copy of it (data/)
             pool = Path(work or directory / "work") / "pool"
+            if not pool.is_dir() and work is None and m.get("data"):
+                R.check_finished_build(directory)  # its data/ match the manifest's sha256
+                pool = directory / m["data"]["dir"]
             if not pool.is_dir():
                 raise MiniBenchmarkError(f"verify-step {stage}: needs the pooled store {pool}; run "
                                          f"`build --work DIR` (stages online:* and pool) and pass --work DIR")
@@ -212,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
     b.add_argument("--jobs", type=int, default=1, help="parallel processes for independent stages")
     b.add_argument("--only", default=None, help="run only the stages whose name starts with this (e.g. online)")
+    b.add_argument("--from", dest="seed_from", type=Path, default=None,
+                   help="start from a finished build (e.g. the shipped assets): its data and the stages whose "
+                        "settings are unchanged are carried over, the rest re-run")
     v = sub.add_parser("verify-step", help="re-run one step and compare with the manifest")
     v.add_argument("stage", help="e.g. eval:teacher-large, teacher:small, online:cartpole-balance")
     v.add_argument("--dir", type=Path, default=None, help="build directory (default: the shipped assets)")
@@ -225,11 +233,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; a setting or input it cannot use ends it with one `error:` line and exit status 2."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from agent.mt_mini import recipe as R
 
     import torch
 
-    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.command == "build":
         base = R.RecipeConfig()
@@ -239,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                              episode_steps=args.episode_steps, online_steps=args.online_steps,
                              online_seed_steps=args.online_seed_steps, teachers=teachers,
                              eval_episodes=args.eval_episodes, planner=dict(base.planner))
-        m = R.build(cfg, args.out, args.work, jobs=args.jobs, threads=args.threads, only=args.only)
+        m = R.build(cfg, args.out, args.work, jobs=args.jobs, threads=args.threads, only=args.only, seed_from=args.seed_from)
         if m is None:
             return 0
         print(f"MT-mini built in {args.out}: " + ", ".join(f"teacher-{k} {t['score']:.1f}" for k, t in m["teachers"].items())

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from agent.mt_mini.online_run import OnlineRun, OnlineRunSpec
+from agent.errors import ConfigError
 from agent.mt_mini.stages import StageLog, StageRecord, current_command
 from agent.checkpoint import load_world_model, save_world_model
 from agent.config import DistillConfig, TrainConfig, model_config
@@ -33,6 +34,10 @@ from agent.tasksets import MT30_ACTION_DIM, MT30_OBS_DIM
 from agent.world_model import WorldModel
 
 Log = Callable[[str], None]
+
+
+class RecipeError(ConfigError):
+    """A build cannot start as asked (e.g. `--from` names no finished build)."""
 
 # Candidate tasks: MT30 tasks that TD-MPC2 learns within ~10k agent steps. The shipped tasks are the
 # candidates whose single-task online run (12k agent steps) scores at least 60% of the maximum (the
@@ -294,16 +299,21 @@ def _run_stage(cfg_dict: dict[str, Any], name: str, work: str, out: str, command
 
 
 def build(cfg: RecipeConfig, out: Path, work: Path | None = None, jobs: int = 1, threads: int = 1,
-          only: str | None = None, log: Log = print) -> dict[str, Any] | None:
+          only: str | None = None, seed_from: Path | None = None, log: Log = print) -> dict[str, Any] | None:
     """Run (or finish) every stage, then write MANIFEST.json / .md into `out`. Returns the manifest.
     `jobs` > 1 runs independent stages (the online runs; the two teachers) in parallel processes of
     `threads` torch threads each (1 is fastest on a busy machine: idle OpenMP workers spin).
-    `only`: run just the stages whose name starts with it (no manifest; returns None)."""
+    `only`: run just the stages whose name starts with it (no manifest; returns None).
+    `seed_from`: a finished build to start from (`seed_work`): only the stages `cfg` changed run."""
     from agent.mt_mini.manifest import write_manifest
 
     out = Path(out).absolute()
     work = Path(work).absolute() if work is not None else out / "work"
+    if seed_from is not None:
+        check_finished_build(Path(seed_from))
     out.mkdir(parents=True, exist_ok=True)
+    if seed_from is not None:
+        seed_work(cfg, Path(seed_from), work, out, log)
     command = current_command()
     started = time.perf_counter()
     records: dict[str, StageRecord] = {}
@@ -330,13 +340,100 @@ def build(cfg: RecipeConfig, out: Path, work: Path | None = None, jobs: int = 1,
     return write_manifest(cfg, [records[n] for n in names], out, candidate_scores(cfg, work), data)
 
 
+SEEDED_CANDIDATES = "seeded_candidate_scores.json"  # in `work`: candidate scores carried over by `seed_work`
+
+
 def candidate_scores(cfg: RecipeConfig, work: Path) -> dict[str, float]:
     """Single-task scores of every online run in `work` made with this recipe's online settings,
-    chosen tasks or not (the measurement the task list was chosen by)."""
+    chosen tasks or not (the measurement the task list was chosen by), plus those `seed_work`
+    carried over from an earlier build with the same online settings."""
     stages, scores = StageLog(work), {}
+    seeded = Path(work) / SEEDED_CANDIDATES
+    if seeded.exists():
+        carried = json.loads(seeded.read_text())
+        if carried["online_settings"] == _online_settings(cfg):
+            scores.update(carried["scores"])
     for path in sorted(stages.dir.glob("online-*.json")):
         name = json.loads(path.read_text())["name"]
         record = stages.get(name, _stage_settings(cfg, name))
         if record is not None:
             scores[name.split(":", 1)[1]] = record.results["score"]
-    return scores
+    return dict(sorted(scores.items()))
+
+
+def _online_settings(cfg: RecipeConfig) -> dict[str, Any]:
+    """What a single-task online run's result depends on, apart from its task."""
+    spec = asdict(cfg.online_spec(cfg.tasks[0]))
+    spec.pop("task")
+    return json.loads(json.dumps({"spec": spec, "eval": [cfg.eval_episodes, cfg.eval_seed]}))
+
+
+def _results_from_summary(summary: dict[str, Any], work: Path) -> dict[str, Any]:
+    """A stage's results dict from its MANIFEST summary (`manifest._stage_summary` keeps all of
+    them but online runs' per-task dicts, rebuilt here, and a teacher's train_wall_s, which is
+    steps / updates_per_s; online episode returns are rounded to 0.1 there)."""
+    name = summary["name"]
+    if name.startswith("online:"):
+        task = name.split(":", 1)[1]
+        return {"episode_returns": summary["episode_returns"], "updates": summary["updates"],
+                "train_wall_s": summary["train_wall_s"], "params": summary["params"], "score": summary["score"],
+                "task_scores": {task: summary["score"]}, "episode_scores": {task: summary["episode_scores"]}}
+    if name == "pool":
+        return {"store": str(work / "pool"), "episodes": summary["episodes"], "mean_return": summary["mean_return"]}
+    if name.startswith("teacher:"):
+        return {"file": summary["file"], "sha256": summary["sha256"], "params": summary["params"],
+                "train_wall_s": summary["steps"] / summary["updates_per_s"], "updates_per_s": summary["updates_per_s"]}
+    return {k: summary[k] for k in ("score", "task_scores", "episode_scores", "params", "eval_wall_s")}
+
+
+def check_finished_build(previous: Path) -> dict[str, Any]:
+    """The MANIFEST of a finished build at `previous` whose data match their checksum; RecipeError if not."""
+    manifest_file = previous / "MANIFEST.json"
+    if not manifest_file.is_file():
+        raise RecipeError(f"--from {previous}: no MANIFEST.json there (not a finished MT-mini build)")
+    m = json.loads(manifest_file.read_text())
+    data = previous / m["data"]["dir"] if m.get("data") else None
+    if data is None or not data.is_dir():
+        raise RecipeError(f"--from {previous}: its manifest names no distillation store (data/) to start from")
+    if store_sha256(data) != m["data"]["sha256"]:
+        raise RecipeError(f"--from {previous}: {data} does not match the sha256 in its MANIFEST.json")
+    return m
+
+
+def seed_work(cfg: RecipeConfig, previous: Path, work: Path, out: Path, log: Log = print) -> list[str]:
+    """Start a build in `work` / `out` from a finished one (`previous`: its MANIFEST.json, data/
+    and teacher files, e.g. the shipped assets): its pooled store becomes `work/pool`, and every
+    stage whose settings under `cfg` equal those it ran with is recorded as done (teacher files
+    copied to `out`), so `build` re-runs only what `cfg` changed. Returns the stages carried over.
+    Raises RecipeError when `previous` is not a complete build or its data fail their checksum."""
+    previous = Path(previous)
+    m = check_finished_build(previous)
+    data = previous / m["data"]["dir"]
+    old = RecipeConfig.from_dict(m["recipe"])
+    stages, carried = StageLog(work), []
+    pool = Path(work) / "pool"
+    if not pool.exists():
+        shutil.copytree(data, pool)
+    out.mkdir(parents=True, exist_ok=True)
+    for summary in m["stages"]:
+        name = summary["name"]
+        if name not in stage_names(cfg) or name not in stage_names(old):
+            continue
+        settings = _stage_settings(cfg, name)
+        if json.loads(json.dumps(settings)) != json.loads(json.dumps(_stage_settings(old, name))):
+            continue
+        if name.startswith("teacher:"):
+            source = previous / summary["file"]
+            if not source.is_file() or file_sha256(source) != summary["sha256"]:
+                continue
+            if (out / summary["file"]).resolve() != source.resolve():
+                shutil.copy2(source, out / summary["file"])
+        stages.put(StageRecord(name, summary["command"], json.loads(json.dumps(settings)), summary["wall_s"],
+                               _results_from_summary(summary, Path(work)), summary["finished_utc"]))
+        carried.append(name)
+    if _online_settings(old) == _online_settings(cfg):
+        (Path(work) / SEEDED_CANDIDATES).write_text(json.dumps(
+            {"from": str(previous), "online_settings": _online_settings(cfg),
+             "scores": m.get("task_selection", {}).get("single_task_scores", {})}, indent=1) + "\n")
+    log(f"seeded {work} from {previous}: {', '.join(carried) or 'no stage'} carried over")
+    return carried

@@ -45,7 +45,8 @@ class StageLog:
         return record if record.settings == json.loads(json.dumps(settings)) else None
 
     def put(self, record: StageRecord) -> None:
-        record.finished_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        """Write `record` (stamped now unless it carries its own finish time)."""
+        record.finished_utc = record.finished_utc or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         path = self._file(record.name)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record.__dict__, indent=1) + "\n")

@@ -92,6 +92,12 @@ class _PolicyLoss(nn.Module):
         return loss, (value, entropy)
 
 
+def _tracing() -> bool:
+    """Whether dynamo is tracing this call (a compiled step): the one place `_per_member` asks, so a
+    test can take the traced branch eagerly by replacing this function, not torch's own."""
+    return torch.compiler.is_compiling()
+
+
 def _detached(x: Any) -> Any:
     return x.detach() if isinstance(x, torch.Tensor) else x
 
@@ -195,7 +201,7 @@ class Population:
         built per call). Under torch.compile: vmap(grad_and_value(fn)), which dynamo traces as one
         graph (torch.autograd.grad would split the step)."""
         dims = tuple(None if a is None else 0 for a in args[:-1]) + (None,)
-        if torch.compiler.is_compiling():
+        if _tracing():
             return vmap(grad_and_value(fn, has_aux=True), in_dims=dims, randomness="different")(*args)
         params = {n: p.detach().requires_grad_(True) for n, p in args[0].items()}
         constants = tree_map(_detached, args[1:])

@@ -9,6 +9,7 @@ from agent.config import DistillConfig, TrainConfig
 from agent.distill import TeacherTargets
 from agent.errors import ConfigError
 from agent.losses import TrainBatch
+from agent import ops, population as population_module
 from agent.population import Population
 from agent.train import Trainer
 from tests.helpers import small_model
@@ -44,9 +45,9 @@ def test_population_members_equal_separately_trained_students(d_coef, num_q, mon
     # its eps) into lr-sized parameter differences; in float64 both sides agree to ~1e-12
     members, steps, dtype = 3, 4, torch.float64
     # the random Q-head pair (num_q > 2) comes from the global generator, drawn in another order
-    # by the population: pin it to heads (0, 1) on both sides
-    arange = torch.arange
-    monkeypatch.setattr(torch, "randperm", lambda n, **kw: arange(n, device=kw.get("device")))
+    # by the population: pin it to heads (0, 1) on both sides (at the project's one draw site; a
+    # replaced torch.randperm would stay in dynamo's trace rules and break later compiled steps)
+    monkeypatch.setattr(ops, "q_pair", lambda num_q, device=None, generator=None: torch.arange(2, device=device))
     models = [small_model(seed=s, num_q=num_q, dropout=0.0).to(dtype) for s in range(members)]
     cfg = TrainConfig(batch_size=B, fast_kernels=False, distill=DistillConfig(target="reward" if d_coef else None,
                                                                              d_coef=d_coef))
@@ -193,8 +194,6 @@ def test_population_with_member_kernels_trains_as_with_the_reference_ops():
 
 @needs_native
 def test_population_says_when_the_member_kernels_cannot_serve_it(monkeypatch):
-    from agent import ops
-
     monkeypatch.setattr(ops, "_said", set())  # the warning is once per process and reason
     models = [small_model(seed=s, num_q=2, dropout=0.0).to(torch.float64) for s in range(2)]
     with pytest.warns(UserWarning, match="population: fused LayerNorm \\+ Mish -> torch ops: .*float64"):
@@ -213,7 +212,7 @@ def test_eager_gradients_equal_the_torch_func_gradients_a_compiled_step_traces(f
     cfg = TrainConfig(batch_size=B, fast_kernels=fast, distill=DistillConfig(target="reward", d_coef=0.45))
     runs = {}
     for functorch in (False, True):
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: functorch)
+        monkeypatch.setattr(population_module, "_tracing", lambda: functorch)
         pop = Population(models, cfg, seeds=[1, 2, 3], cached_teacher=True)
         runs[functorch] = pop, [pop.update(batches[t], *eps[t]) for t in range(3)]
     (autograd_pop, autograd_metrics), (func_pop, func_metrics) = runs[False], runs[True]

@@ -54,6 +54,23 @@ def comparison(row: dict) -> str:
     return text + "the 95% CI includes 0: no detectable difference."
 
 
+def learned(row: dict) -> str:
+    """One sentence on a `paired.versus_start` row: the endpoint score against the same students
+    untrained, paired by seed, and whether the 95% CI excludes 0."""
+    label, pairs = row["label"], int(row["n_pairs"])
+    ratio = f" ({row['ratio']:.2f}x)" if math.isfinite(row["ratio"]) else ""
+    head = f"{label}: {number(row['end'])} trained against {number(row['start'])} untrained{ratio}; "
+    if pairs < 2:
+        return head + f"{pairs} paired seed(s); a CI needs at least 2: no conclusion."
+    text = head + (f"difference {number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])} "
+                   f"on {pairs} paired seeds; ")
+    if row["delta_ci_low"] > 0:
+        return text + "the 95% CI excludes 0: the students learn."
+    if row["delta_ci_high"] < 0:
+        return text + "the 95% CI excludes 0: training makes the students worse."
+    return text + "the 95% CI includes 0: no detectable learning."
+
+
 def verdicts(paired: pd.DataFrame) -> list[str]:
     """`verdict` of every distilled setting of a `paired.paired_table`, in setting order."""
     return [verdict(row) for row in paired.to_dict("records") if not row["is_scratch"]]

@@ -12,6 +12,7 @@ import pandas as pd
 from analysis.load import CONFIG_PREFIX
 from analysis.stats import PairedDifference, bootstrap_ci, paired_difference
 from analysis.summary import group_by_setting, per_seed, setting_label
+from analysis.trials import failed_rows
 from analysis.values import same_value
 
 SCRATCH_KEY = "d_coef"  # the scratch baseline is the setting with d_coef == 0
@@ -105,3 +106,37 @@ def versus_reference_value(endpoints: pd.DataFrame, columns: list[str], referenc
                         "n_pairs": paired.n_pairs})
     return pd.DataFrame(records, columns=[*columns, "label", "partner_label", "held", "delta", "delta_ci_low", "delta_ci_high",
                                           "n_pairs"])
+
+
+START_COLUMNS = ("label", "start", "end", "ratio", "delta", "delta_ci_low", "delta_ci_high", "n_pairs")
+
+
+def start_rows(evals: pd.DataFrame) -> pd.DataFrame:
+    """The ok `train` evaluations at step 0 of `evals` (`load.SweepResults.evals`): the students
+    before any update, written by trials run with `eval_at_start`."""
+    step = pd.to_numeric(evals["step"], errors="coerce").to_numpy(dtype=float)
+    return evals[(evals["phase"] == "train").to_numpy() & (step == 0) & ~failed_rows(evals).to_numpy()]
+
+
+def versus_start(evals: pd.DataFrame, endpoints: pd.DataFrame, columns: list[str],
+                 reference: dict[str, object]) -> pd.DataFrame:
+    """Each setting's endpoint score against the same students untrained (`start_rows`), seed by
+    seed: does training move the students at all? One row per setting of `columns` with step-0
+    rows: the setting columns, then START_COLUMNS: label, start / end (mean over the paired seeds
+    of the untrained and the endpoint score), ratio (end / start), delta / delta_ci_low /
+    delta_ci_high / n_pairs (`paired_difference` of end minus start). Empty without step-0 rows."""
+    starts = start_rows(evals)
+    records = []
+    for values, rows in group_by_setting(endpoints, columns) if len(starts) else []:
+        setting = dict(zip(columns, values))
+        end, start = seed_scores(rows), seed_scores(rows_of(starts, setting))
+        if start.empty:
+            continue
+        paired = paired_difference(end, start)
+        both = end.index.intersection(start.index)
+        end_mean, start_mean = float(end[both].mean()), float(start[both].mean())
+        records.append({**setting, "label": setting_label(columns, values, reference), "start": start_mean,
+                        "end": end_mean, "ratio": end_mean / start_mean if start_mean > 0 else float("nan"),
+                        "delta": paired.mean, "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
+                        "n_pairs": paired.n_pairs})
+    return pd.DataFrame(records, columns=[*columns, *START_COLUMNS])

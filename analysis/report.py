@@ -18,9 +18,9 @@ import io  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 
-from analysis.findings import comparison, endpoint_name, evaluation_noise, headline, verdicts  # noqa: E402
+from analysis.findings import comparison, endpoint_name, evaluation_noise, headline, learned, verdicts  # noqa: E402
 from analysis.load import CONFIG_PREFIX, RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri, load_results  # noqa: E402
-from analysis.paired import SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, versus_reference_value  # noqa: E402
+from analysis.paired import SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, versus_reference_value, versus_start  # noqa: E402
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
 from analysis.plots import report_figures  # noqa: E402
 from analysis.render import csv_text, display, html_table, markdown, table_latex, table_markdown  # noqa: E402
@@ -163,6 +163,7 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     blocks = [("h1", report_title(results))]
     blocks += [("h2", "Headline"), ("p", summary)] if summary else []
     blocks += [("ul", facts)]
+    blocks += learning_blocks(results.evals, endpoints, results.setting_columns, reference, endpoint)
     blocks += paired_blocks(paired, endpoints, results.setting_columns, endpoint)
     blocks += between_values_blocks(endpoints, results.setting_columns, reference, endpoint)
     blocks += [("h2", "How to read the tables"), ("ul", [
@@ -212,6 +213,21 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
                 for _, row in failed.iterrows()]
         blocks.append(("table", ["run", "setting", "reason"], rows, 3))
     return blocks
+
+
+def learning_blocks(evals, endpoints, setting_columns: list[str], reference: dict[str, object],
+                    endpoint: str) -> list[tuple]:
+    """Whether the students learn: each setting's endpoint against its own students untrained
+    (`versus_start`, from the step-0 rows of trials run with eval_at_start); nothing without them."""
+    rows = versus_start(evals, endpoints, setting_columns, reference)
+    if rows.empty:
+        return []
+    intro = (f"Each setting's {endpoint} score against the same students before any update (their step-0 "
+             f"evaluation), seed by seed; 95% percentile-bootstrap CI of the mean difference ({N_RESAMPLES} "
+             "resamples, fixed seed). The step-0 evaluation uses the curve's episodes per task, so its noise is "
+             "in the CI.")
+    return [("h2", "Learning: trained against untrained (paired by seed)"), ("p", intro),
+            ("ul", [learned(row) for row in rows.to_dict("records")])]
 
 
 def paired_blocks(paired, endpoints, setting_columns: list[str], endpoint: str) -> list[tuple]:

@@ -41,6 +41,7 @@ class TrialConfig:
     log_every: int = 100              # training metrics (losses, grad norm, lr, updates/s) every N updates
     eval_episodes: int = 2            # per task, at each evaluation during training
     final_eval_episodes: int | None = None  # per task, at the last step and for every quantized model (None: eval_episodes)
+    eval_at_start: bool = False       # also evaluate the untrained members (step 0): the learning curve's first point
     eval_plan: bool = True
     eval_max_steps: int | None = None  # None = the official 500 agent steps
     eval_planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for evaluation

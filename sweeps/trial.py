@@ -116,15 +116,27 @@ def eval_env_workers(device: torch.device) -> int:
 def _evaluate(models: list[WorldModel], cfg: TrialConfig, tasks: list[str], seeds: list[int],
               step: int) -> list[Evaluation]:
     """Models at `step` (member k with seed seeds[k]) evaluated with the trial's protocol
-    (`cfg.episodes_at(step)` episodes per task), all members in one lockstep batch."""
+    (`cfg.episodes_at(step)` episodes per task), all members in one lockstep batch. Torch's global
+    random streams (CPU, and the models' CUDA device) are put back afterwards: training draws its
+    dropout from them (see `_members_for_evaluation`)."""
     weights = next(models[0].parameters(), None) if isinstance(models[0], torch.nn.Module) else None
     device = weights.device if weights is not None else torch.device("cpu")
     episodes = cfg.episodes_at(step)
-    frames = evaluate_members(models, cfg.eval_tasks or tasks, episodes, seeds, plan=cfg.eval_plan,
-                              agent_overrides=dict(cfg.eval_planner), progress=False, task_set=tasks,
-                              max_steps=cfg.eval_max_steps, env_workers=eval_env_workers(device),
-                              compile=train_config(cfg).compile)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        frames = evaluate_members(models, cfg.eval_tasks or tasks, episodes, seeds, plan=cfg.eval_plan,
+                                  agent_overrides=dict(cfg.eval_planner), progress=False, task_set=tasks,
+                                  max_steps=cfg.eval_max_steps, env_workers=eval_env_workers(device),
+                                  compile=train_config(cfg).compile)
     return [_evaluation(df, episodes) for df in frames]
+
+
+def _members_for_evaluation(members: Any, device: torch.device) -> list[WorldModel]:
+    """Every member as a model of its own. Building a model initialises its weights from torch's
+    global stream before the member's are loaded, so the stream is put back afterwards: training
+    draws its dropout from it, and where and how often a trial evaluates must not change how it
+    trains (`_evaluate` puts it back after evaluating, too)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return [members.member(k) for k in range(members.K)]
 
 
 def _evaluation(df, episodes: int) -> Evaluation:
@@ -264,6 +276,22 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
         if summary is not None and metrics is not None:
             metrics(members.step, summary)
 
+    def evaluate_and_report() -> None:
+        """Evaluate every member at the current step, checkpoint, report one row per member."""
+        nonlocal latest
+        evaluations = _evaluate(_members_for_evaluation(members, device), cfg, tasks, list(members.seeds), members.step)
+        latest = dict(zip(members.seeds, evaluations))
+        rate = members.step * members.K / (time.perf_counter() - start) if members.step else None
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            members.save(Path(checkpoint_dir) / TRAINER_FILE)
+            (Path(checkpoint_dir) / MEMBERS_FILE).write_text(json.dumps(members.seeds))
+            report([_row(cfg, ctx, seed, members.step, "train", "fp32", evaluation, restored_from=restored_from,
+                         updates_per_s=rate, executor=executor, members=members.K, device=device.type)
+                    for seed, evaluation in zip(members.seeds, evaluations)], Path(checkpoint_dir))
+
+    if cfg.eval_at_start and members.step == 0:  # the untrained members; a trial restored later has this row
+        evaluate_and_report()
+        start = time.perf_counter()  # updates_per_s counts training and the evaluations after this one
     while members.step < cfg.steps and members.K:
         chunk = min(cfg.eval_every - members.step % cfg.eval_every, cfg.steps - members.step)
         for i in range(chunk):
@@ -282,15 +310,7 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
                     return
             if metrics is not None and members.step % cfg.log_every == 0 and i < chunk - 1:
                 log_metrics()  # at the chunk's last update: after its evaluation (below)
-        evaluations = _evaluate([members.member(k) for k in range(members.K)], cfg, tasks, list(members.seeds), members.step)
-        latest = dict(zip(members.seeds, evaluations))
-        rate = members.step * members.K / (time.perf_counter() - start)
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
-            members.save(Path(checkpoint_dir) / TRAINER_FILE)
-            (Path(checkpoint_dir) / MEMBERS_FILE).write_text(json.dumps(members.seeds))
-            report([_row(cfg, ctx, seed, members.step, "train", "fp32", evaluation, restored_from=restored_from,
-                         updates_per_s=rate, executor=executor, members=members.K, device=device.type)
-                    for seed, evaluation in zip(members.seeds, evaluations)], Path(checkpoint_dir))
+        evaluate_and_report()
         if metrics is not None and (members.step % cfg.log_every == 0 or members.step == cfg.steps):
             log_metrics()
     if not cfg.quant_modes:

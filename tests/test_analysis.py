@@ -16,7 +16,7 @@ import scipy.stats
 
 from analysis.findings import evaluation_noise
 from analysis.load import ResultsError, load_results
-from analysis.paired import paired_table, versus_reference_value
+from analysis.paired import paired_table, versus_reference_value, versus_start
 from analysis.paper import PAPER_LABEL
 from analysis.plots import (PAPER_AXIS_LABEL, SCORE_LABEL, SIZE_LABEL, STEPS_LABEL, learning_curves_figure,
                             report_figures)
@@ -574,6 +574,41 @@ def test_teacher_sizes_and_batch_sizes_are_compared_with_the_reference_value_see
             f"{np.mean(list(batch_shift.values())):+.2f} {batch_ci} on 5 paired seeds; the 95% CI includes 0: "
             "no detectable difference.") in text
     assert "## d_coef: against" not in text  # d_coef is compared with scratch, above
+
+
+UNTRAINED = dict(zip(SEEDS, (6.0, 5.0, 7.0, 6.5, 5.5)))  # each seed's student before any update
+
+
+def test_learning_section_pairs_each_setting_with_its_own_untrained_students(tmp_path):
+    def step0(trial_id, d_coef, untrained):
+        return [{**evaluation(trial_id, 0, scores(v, v), d_coef=d_coef, seed=seed), "eval_se": 0.4, "episodes": 2}
+                for seed, v in untrained.items()]
+
+    flat = {s: UNTRAINED[s] + NO_EFFECT[s] for s in SEEDS}  # a setting whose students do not learn
+    rows = (step0("t-d0", 0.0, {**UNTRAINED, 7: 1.0}) + member_rows("t-d0", 0.0, SCRATCH)  # seed 7: never trained
+            + step0("t-d09", 0.9, UNTRAINED) + member_rows("t-d09", 0.9, flat)
+            + member_rows("t-d045", 0.45, SCRATCH))  # no step-0 rows: left out of the section
+    sweep = write_sweep(tmp_path / "sweep", rows)
+    results, trials, _, reference, _ = analyse(sweep)
+    learned = versus_start(results.evals, endpoint_outcomes(results, trials), results.setting_columns, reference)
+    assert learned["label"].tolist() == ["d_coef=0", "d_coef=0.9"]
+    gains = [SCRATCH[s] - UNTRAINED[s] for s in SEEDS]
+    scratch = learned.iloc[0]
+    assert (scratch["start"], scratch["end"], scratch["n_pairs"]) == pytest.approx((6.0, 11.2, 5))
+    assert scratch["ratio"] == pytest.approx(11.2 / 6.0) and scratch["delta"] == pytest.approx(np.mean(gains))
+    assert (scratch["delta_ci_low"], scratch["delta_ci_high"]) == pytest.approx(percentile_ci(gains))
+    text = build_report(sweep, formats=("md",)).read_text(encoding="utf-8")
+    assert "## Learning: trained against untrained (paired by seed)" in text
+    assert text.index("## Learning") < text.index("## Distillation vs scratch")
+    assert ("- d_coef=0: 11.20 trained against 6.00 untrained (1.87x); difference +5.20 [{:.2f}, {:.2f}] on 5 paired "
+            "seeds; the 95% CI excludes 0: the students learn.").format(*percentile_ci(gains)) in text
+    assert ("- d_coef=0.9: {:.2f} trained against 6.00 untrained ({:.2f}x); difference {:+.2f} [{:.2f}, {:.2f}] on 5 "
+            "paired seeds; the 95% CI includes 0: no detectable learning.").format(
+        np.mean(list(flat.values())), np.mean(list(flat.values())) / 6.0, np.mean(list(NO_EFFECT.values())),
+        *percentile_ci(list(NO_EFFECT.values()))) in text
+    # a sweep without step-0 rows has no such section
+    assert "## Learning: " not in build_report(write_sweep(tmp_path / "plain", population_rows()),
+                                              formats=("md",)).read_text(encoding="utf-8")
 
 
 def test_evaluation_noise_is_stated_beside_the_between_seed_spread(population_report, d_coef_report):

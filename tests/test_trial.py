@@ -155,6 +155,29 @@ def test_final_fp32_row_equals_a_fresh_evaluation_of_the_saved_file(smoke_inputs
     assert final["task_scores"] == pytest.approx(fresh.task_scores, abs=1e-9)
 
 
+def test_eval_at_start_reports_the_untrained_members_first(smoke_inputs):
+    """eval_at_start: one row per member at step 0, the evaluation of the untrained student of that
+    seed, checkpointed like any other; training then goes on exactly as without it."""
+    from agent.data import EpisodeStore
+    from sweeps.trial import _evaluate, build_student
+
+    cfg = _config(smoke_inputs, steps=10, eval_every=10, num_seeds=2, eval_at_start=True)
+    collect = Collect()
+    run_trial(cfg, TrialContext("s0"), collect)
+    train = [r for r in collect.rows if r["phase"] == "train"]
+    assert [(r["step"], r["config"]["seed"]) for r in train] == [(0, 1), (0, 2), (10, 1), (10, 2)]
+    assert all(r["updates_per_s"] is None for r in train[:2]) and all(r["updates_per_s"] > 0 for r in train[2:])
+    tasks = list(EpisodeStore(cfg.data).manifest.tasks)
+    untrained = _evaluate([build_student(cfg, tasks, seed) for seed in (1, 2)], cfg, tasks, [1, 2], 0)
+    assert [r["task_scores"] for r in train[:2]] == [u.task_scores for u in untrained]
+    # evaluating (at start, or more often) leaves training as it is: same scores at step 10
+    for eval_every in (10, 5):
+        plain = Collect()
+        run_trial(_config(smoke_inputs, steps=10, eval_every=eval_every, num_seeds=2), TrialContext("s1"), plain)
+        assert [r["score"] for r in plain.rows if r["phase"] == "train" and r["step"] == 10] == [
+            r["score"] for r in train[2:]], eval_every
+
+
 def test_the_final_evaluation_uses_final_eval_episodes(smoke_inputs, monkeypatch):
     """Curve points use eval_episodes per task; the last step and quantized models use
     final_eval_episodes, and every row says how many episodes it averages."""
@@ -304,9 +327,10 @@ def test_quick_preset_settings_are_pinned():
     assert quick.student_dims == dict(enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16, num_q=2)
     assert (quick.num_seeds, quick.steps, quick.batch_size, quick.lr) == (5, 3000, 256, 3e-3)
     assert (quick.eval_every, quick.eval_episodes, quick.final_eval_episodes, quick.eval_max_steps) == (750, 2, 6, 200)
+    assert quick.eval_at_start  # the curve starts at the untrained students (step 0): 5 points
     assert quick.train == {} and quick.train_config().compile == "auto"  # eager on CPU, compiled on CUDA
     assert quick.steps // quick.eval_every >= 4  # every learning curve has at least 4 points
-    assert [p["d_coef"] for p in grid_points("d_coef", quick, [])] == [0.0, 0.4, 0.9]
+    assert [p["d_coef"] for p in grid_points("d_coef", quick, [])] == [0.0, 0.45, 0.9]
     assert [(p.get("target"), p["d_coef"]) for p in grid_points("target", quick, []) if "d_coef" in p] == [(None, 0.0)]
     assert [p["target"] for p in grid_points("target", quick, []) if "target" in p] == [
         "reward", "latent_linear", "latent_pca"]  # the paper's target ablation, plus scratch

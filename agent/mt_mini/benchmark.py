@@ -49,7 +49,8 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "steps": 3000,
     "batch_size": 256,
     "lr": 3e-3,
-    "eval_every": 750,           # 4 evaluation points per learning curve
+    "eval_every": 750,           # 4 evaluation points per learning curve after training starts
+    "eval_at_start": True,       # and the untrained students (step 0): what "the students learn" is read against
     "eval_episodes": 2,          # per task at 750, 1500, 2250 (the curve's points)
     "final_eval_episodes": 6,    # per task at 3000: the score the report compares (SE ~1.5-2 per student)
     "eval_max_steps": 200,       # MT-mini episodes (the manifest's episode_steps)

@@ -117,3 +117,31 @@ def test_member_eval_benchmark_compares_its_own_two_timings_of_the_same_returns(
     bad = subprocess.run([sys.executable, script, "--members", "0"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=REPO)
     assert bad.returncode == 2 and "--members must be >= 1, got 0" in bad.stderr
+
+
+def test_quickstart_timer_reads_the_reports_learning_and_distillation_sentences(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import quickstart_time
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    report = tmp_path / "report.md"
+    report.write_text("# Sweep\n\n## Headline\n\n- not this\n\n## Learning: trained against untrained (paired by seed)\n\n"
+                      "intro\n\n- d_coef=0: learns\n\n## Distillation vs scratch (paired by seed)\n\n- d_coef=0.45: +1\n"
+                      "- d_coef=0.9: -1\n\n## How to read the tables\n\n- score: ...\n")
+    assert quickstart_time.report_sentences(report) == ["d_coef=0: learns", "d_coef=0.45: +1", "d_coef=0.9: -1"]
+    assert quickstart_time.report_sentences(tmp_path / "missing.md") == []
+
+
+@pytest.mark.slow
+def test_quickstart_timer_runs_the_readme_command_on_a_fresh_clone(tmp_path):
+    """The whole path (clone, venv, install, sweep, report) with the smoke preset and one seed; pip
+    gets a new cache in the work directory (so it needs the package index or $PIP_FIND_LINKS)."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quickstart_time.py"),
+                          "--work", str(tmp_path / "work"), "--", "--preset", "smoke", "--seeds", "1"],
+                         capture_output=True, text=True, timeout=1800)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and result["returncode"] == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert 0 < result["install_s"] < result["total_s"] and result["within_goal"] == (result["total_s"] <= 1200)
+    assert any(s.startswith("d_coef=0.45:") for s in result["report"])  # the smoke d_coef grid's distilled setting
+    assert not (tmp_path / "work").exists()  # removed without --keep

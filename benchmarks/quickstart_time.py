@@ -2,10 +2,11 @@
 
 Clones this repository's HEAD into a work directory, makes a fresh virtualenv there and runs
 `bash scripts/quickstart.sh` (install, first-use data, the quick d_coef sweep, the report) with
-every cache the project writes (data and teacher targets, native kernels, inductor, Ray's
-temporary files) inside the work directory. pip's cache is a new one there too, unless
+every cache the project writes (data and teacher targets, native kernels, inductor) inside the work
+directory, and Ray's temporary files in a short-named temporary directory of their own (socket paths
+are limited to 107 bytes). pip's cache is a new one there too, unless
 `--pip-cache` lets pip use its usual one (a machine that has installed the packages before; pip
-then reads and adds to it). Nothing else outside the work directory is written.
+then reads and adds to it). Nothing else outside these two directories is written.
 
     install   seconds until the sweep printed its first line (pip -q prints nothing on success)
     total     seconds of the whole command
@@ -56,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="quickstart-time-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
     clone, venv, out = work / "repo", work / "venv", work / "sweep"
+    # Ray's sockets live under its temporary directory, and a Unix socket path has at most 107 bytes
+    ray_tmp = Path(tempfile.mkdtemp(prefix="qs-ray-", dir="/tmp" if Path("/tmp").is_dir() else None))
     try:
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                "VIRTUAL_ENV": str(venv), "DISTILL_CACHE": str(work / "cache"),
                "DISTILL_NATIVE_CACHE": str(work / "native"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
-               "RAY_TMPDIR": str(work / "ray")}
+               "RAY_TMPDIR": str(ray_tmp)}
         if not args.pip_cache:
             env["PIP_CACHE_DIR"] = str(work / "pip-cache")
         env.pop("PYTHONHOME", None)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                   "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip(),
                   "report": report_sentences(out / "report" / "report.md")}
     finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

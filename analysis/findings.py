@@ -19,6 +19,20 @@ def endpoint_name(endpoints: pd.DataFrame) -> str:
     return "final fp32" if (endpoints["phase"] == "final").any() else "last train-phase"
 
 
+def _difference(row: dict) -> str:
+    """`+1.97 [1.82, 2.06]`: a row's mean paired difference and its 95% CI."""
+    return f"{number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])}"
+
+
+def _ci_says(row: dict, above: str, below: str, neither: str = "no detectable difference") -> str:
+    """Whether a row's 95% CI of the paired difference excludes 0, and what that means."""
+    if row["delta_ci_low"] > 0:
+        return f"the 95% CI excludes 0: {above}."
+    if row["delta_ci_high"] < 0:
+        return f"the 95% CI excludes 0: {below}."
+    return f"the 95% CI includes 0: {neither}."
+
+
 def verdict(row: dict) -> str:
     """One sentence on a `paired.paired_table` row of a distilled (not scratch) setting."""
     label, pairs = row["label"], int(row["n_pairs"])
@@ -29,13 +43,8 @@ def verdict(row: dict) -> str:
     if pairs == 1:
         return (f"{label}: {number(row['delta'], signed=True)} over scratch on 1 paired seed; "
                 "a CI needs at least 2 paired seeds: no conclusion.")
-    text = (f"{label}: {number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])} "
-            f"over scratch on {pairs} paired seeds; ")
-    if row["delta_ci_low"] > 0:
-        return text + "the 95% CI excludes 0: distillation helps at this scale."
-    if row["delta_ci_high"] < 0:
-        return text + "the 95% CI excludes 0: distillation hurts at this scale."
-    return text + "the 95% CI includes 0: no detectable difference."
+    return (f"{label}: {_difference(row)} over scratch on {pairs} paired seeds; "
+            + _ci_says(row, "distillation helps at this scale", "distillation hurts at this scale"))
 
 
 def comparison(row: dict) -> str:
@@ -45,13 +54,8 @@ def comparison(row: dict) -> str:
     head = f"{label} vs {partner}" + (f" ({row['held']}): " if row["held"] else ": ")
     if pairs < 2:
         return head + f"{pairs} paired seed(s); a CI needs at least 2: no conclusion."
-    text = head + (f"{number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])} "
-                   f"on {pairs} paired seeds; ")
-    if row["delta_ci_low"] > 0:
-        return text + f"the 95% CI excludes 0: {label} scores higher."
-    if row["delta_ci_high"] < 0:
-        return text + f"the 95% CI excludes 0: {label} scores lower."
-    return text + "the 95% CI includes 0: no detectable difference."
+    return head + f"{_difference(row)} on {pairs} paired seeds; " + _ci_says(row, f"{label} scores higher",
+                                                                             f"{label} scores lower")
 
 
 def learned(row: dict) -> str:
@@ -62,13 +66,8 @@ def learned(row: dict) -> str:
     head = f"{label}: {number(row['end'])} trained against {number(row['start'])} untrained{ratio}; "
     if pairs < 2:
         return head + f"{pairs} paired seed(s); a CI needs at least 2: no conclusion."
-    text = head + (f"difference {number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])} "
-                   f"on {pairs} paired seeds; ")
-    if row["delta_ci_low"] > 0:
-        return text + "the 95% CI excludes 0: the students learn."
-    if row["delta_ci_high"] < 0:
-        return text + "the 95% CI excludes 0: training makes the students worse."
-    return text + "the 95% CI includes 0: no detectable learning."
+    return head + f"difference {_difference(row)} on {pairs} paired seeds; " + _ci_says(
+        row, "the students learn", "training makes the students worse", "no detectable learning")
 
 
 def verdicts(paired: pd.DataFrame) -> list[str]:

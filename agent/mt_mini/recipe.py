@@ -402,18 +402,15 @@ def check_finished_build(previous: Path) -> dict[str, Any]:
 
 def seed_work(cfg: RecipeConfig, previous: Path, work: Path, out: Path, log: Log = print) -> list[str]:
     """Start a build in `work` / `out` from a finished one (`previous`: its MANIFEST.json, data/
-    and teacher files, e.g. the shipped assets): its pooled store becomes `work/pool`, and every
-    stage whose settings under `cfg` equal those it ran with is recorded as done (teacher files
-    copied to `out`), so `build` re-runs only what `cfg` changed. Returns the stages carried over.
+    and teacher files, e.g. the shipped assets): every stage whose settings under `cfg` equal those
+    it ran with is recorded as done (its pooled store copied to `work/pool`, its teacher files to
+    `out`), so `build` re-runs only what `cfg` changed. Returns the stages carried over.
     Raises RecipeError when `previous` is not a complete build or its data fail their checksum."""
     previous = Path(previous)
     m = check_finished_build(previous)
     data = previous / m["data"]["dir"]
     old = RecipeConfig.from_dict(m["recipe"])
     stages, carried = StageLog(work), []
-    pool = Path(work) / "pool"
-    if not pool.exists():
-        shutil.copytree(data, pool)
     out.mkdir(parents=True, exist_ok=True)
     for summary in m["stages"]:
         name = summary["name"]
@@ -422,6 +419,11 @@ def seed_work(cfg: RecipeConfig, previous: Path, work: Path, out: Path, log: Log
         settings = _stage_settings(cfg, name)
         if json.loads(json.dumps(settings)) != json.loads(json.dumps(_stage_settings(old, name))):
             continue
+        if name == "pool":  # the published store is the pool: `work/pool` becomes (or stays) a copy of it
+            pool = Path(work) / "pool"
+            if not pool.is_dir() or store_sha256(pool) != m["data"]["sha256"]:
+                shutil.rmtree(pool, ignore_errors=True)
+                shutil.copytree(data, pool)
         if name.startswith("teacher:"):
             source = previous / summary["file"]
             if not source.is_file() or file_sha256(source) != summary["sha256"]:

@@ -132,6 +132,8 @@ BAD_SETTINGS: dict[str, list[tuple[str, str]]] = {
     "eval_episodes": [("x", "eval_episodes must be an integer"), ("0", "eval_episodes must be >= 1")],
     "final_eval_episodes": [("x", "final_eval_episodes must be an integer"), ("0", "final_eval_episodes must be >= 1")],
     "eval_plan": [("yes", "eval_plan must be true or false"), ("1", "eval_plan must be true or false, got integer 1")],
+    "eval_at_start": [("yes", "eval_at_start must be true or false"),
+                      ("0", "eval_at_start must be true or false, got integer 0")],
     "eval_max_steps": [("long", "eval_max_steps must be an integer or null"), ("0", "eval_max_steps must be >= 1")],
     "eval_planner": [("[1]", "eval_planner must be an object"), ('{"warp": 1}', "eval_planner: unknown key 'warp'"),
                      ('{"num_samples": "many"}', "eval_planner.num_samples must be an integer"),

@@ -54,7 +54,20 @@ def test_shipped_manifest_names_loadable_teachers_matching_it():
     student = mt_mini.student_config()
     assert student.tasks == m["tasks"]
     from agent.world_model import WorldModel
-    assert 2 * WorldModel(student).num_parameters() < m["teachers"]["small"]["params"]
+    # student : small teacher : large teacher at least 1 : 10 : 50 (the paper: 1 : 48 : 317)
+    student_params = WorldModel(student).num_parameters()
+    assert m["teachers"]["small"]["params"] >= 10 * student_params
+    assert m["teachers"]["large"]["params"] >= 50 * student_params
+
+
+def test_shipped_large_teacher_is_worth_distilling_and_the_small_one_is_weaker():
+    m = mt_mini.manifest()
+    large, small = m["teachers"]["large"], m["teachers"]["small"]
+    assert m["evaluation"]["episodes"] >= 10
+    assert all(len(v) == m["evaluation"]["episodes"] for v in large["episode_scores"].values())
+    assert min(large["task_scores"].values()) >= 0.5 * m["score_max"]  # every task at least 50% of the maximum
+    assert large["score"] >= 0.6 * m["score_max"]                      # and 60% on average
+    assert small["score"] < large["score"]
 
 
 def test_shipped_teachers_beat_an_untrained_model():

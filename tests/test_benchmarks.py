@@ -145,3 +145,29 @@ def test_quickstart_timer_runs_the_readme_command_on_a_fresh_clone(tmp_path):
     assert 0 < result["install_s"] < result["total_s"] and result["within_goal"] == (result["total_s"] <= 1200)
     assert any(s.startswith("d_coef=0.45:") for s in result["report"])  # the smoke d_coef grid's distilled setting
     assert not (tmp_path / "work").exists()  # removed without --keep
+
+
+def test_quickstart_script_installs_without_byte_compiling_then_announces_the_sweep(tmp_path):
+    """scripts/quickstart.sh with a python3 that records its arguments: three pip installs with
+    --no-compile (runtime requirements only), then the line quickstart_time.py waits for, then the
+    sweep with the user's extra arguments."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import quickstart_time
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", str(REPO / "scripts" / "quickstart.sh"), "--seeds", "2"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr
+    assert calls.read_text().splitlines() == [
+        "-m pip install -q --no-compile torch==2.13.0", "-m pip install -q --no-compile -r requirements.txt",
+        "-m pip install -q --no-compile -e . --no-deps", "sweeps/run.py --grid d_coef --seeds 2"]
+    line, = out.stdout.splitlines()
+    assert line.startswith(quickstart_time.INSTALLED_LINE) and line.endswith("running python3 sweeps/run.py --grid d_coef --seeds 2")
+    assert "pytest" not in (REPO / "requirements.txt").read_text()
+    assert "-r requirements.txt" in (REPO / "requirements-test.txt").read_text()

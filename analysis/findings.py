@@ -70,6 +70,22 @@ def learned(row: dict) -> str:
         row, "the students learn", "training makes the students worse", "no detectable learning")
 
 
+def task_findings(task_rows: pd.DataFrame) -> str:
+    """One sentence on a `paired.per_task_versus_scratch` frame: the (setting, task) pairs whose 95%
+    CI excludes 0, above and below, and how many were compared."""
+    rows = task_rows[task_rows["n_pairs"] >= 2]
+    if rows.empty:
+        return "No task has 2 or more paired seeds: no per-task conclusion."
+    def listed(selected: pd.DataFrame) -> str:
+        return "; ".join(f"{row['task']} at {row['label']} {_difference(row)}" for row in selected.to_dict("records"))
+    above, below = rows[rows["delta_ci_low"] > 0], rows[rows["delta_ci_high"] < 0]
+    text = (f"Of {len(rows)} (setting, task) differences, each compared alone with no correction for "
+            f"{len(rows)} comparisons, the 95% CI lies entirely above 0 for {len(above)}")
+    text += f" ({listed(above)})" if len(above) else ""
+    text += f" and entirely below 0 for {len(below)}" + (f" ({listed(below)})" if len(below) else "") + "."
+    return text
+
+
 def verdicts(paired: pd.DataFrame) -> list[str]:
     """`verdict` of every distilled setting of a `paired.paired_table`, in setting order."""
     return [verdict(row) for row in paired.to_dict("records") if not row["is_scratch"]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.load import CONFIG_PREFIX
+from analysis.load import CONFIG_PREFIX, TASK_PREFIX
 from analysis.stats import PairedDifference, bootstrap_ci, paired_difference
 from analysis.summary import group_by_setting, per_seed, setting_label
 from analysis.trials import failed_rows
@@ -140,3 +140,28 @@ def versus_start(evals: pd.DataFrame, endpoints: pd.DataFrame, columns: list[str
                         "delta": paired.mean, "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
                         "n_pairs": paired.n_pairs})
     return pd.DataFrame(records, columns=[*columns, *START_COLUMNS])
+
+
+TASK_DELTA_COLUMNS = ("label", "task", "delta", "delta_ci_low", "delta_ci_high", "n_pairs")
+
+
+def per_task_versus_scratch(endpoints: pd.DataFrame, columns: list[str], reference: dict[str, object],
+                            task_columns: list[str]) -> pd.DataFrame:
+    """Each distilled setting's endpoint score on each task minus its scratch setting's on the same
+    task, paired by seed: where on the task set distillation moves a student. One row per
+    (distilled setting with a scratch setting, task) in setting then task order: the setting
+    columns, then TASK_DELTA_COLUMNS (task: the name without its column prefix). A task with
+    no finite score in either setting gives NaN differences and 0 pairs."""
+    records = []
+    for values, rows in group_by_setting(endpoints, columns):
+        setting = dict(zip(columns, values))
+        scratch = scratch_rows(endpoints, setting)
+        if is_scratch(rows) or scratch.empty:
+            continue
+        mine, theirs = per_seed(rows, task_columns), per_seed(scratch, task_columns)
+        for column in task_columns:
+            paired = paired_difference(mine[column], theirs[column])
+            records.append({**setting, "label": setting_label(columns, values, reference),
+                            "task": column.removeprefix(TASK_PREFIX), "delta": paired.mean, "delta_ci_low": paired.ci_low,
+                            "delta_ci_high": paired.ci_high, "n_pairs": paired.n_pairs})
+    return pd.DataFrame(records, columns=[*columns, *TASK_DELTA_COLUMNS])

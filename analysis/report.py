@@ -18,12 +18,15 @@ import io  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 
-from analysis.findings import comparison, endpoint_name, evaluation_noise, headline, learned, verdicts  # noqa: E402
+from analysis.findings import (comparison, endpoint_name, evaluation_noise, headline, learned, task_findings,  # noqa: E402
+                               verdicts)
 from analysis.load import CONFIG_PREFIX, RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri, load_results  # noqa: E402
-from analysis.paired import SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, versus_reference_value, versus_start  # noqa: E402
+from analysis.paired import (SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, per_task_versus_scratch,  # noqa: E402
+                             versus_reference_value, versus_start)
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
 from analysis.plots import report_figures  # noqa: E402
-from analysis.render import csv_text, display, html_table, markdown, table_latex, table_markdown  # noqa: E402
+from analysis.render import (csv_text, display, html_table, interval, markdown, number, table_latex,  # noqa: E402
+                             table_markdown)
 from analysis.stats import N_RESAMPLES  # noqa: E402
 from analysis.summary import learning_curves, setting_label, setting_summaries  # noqa: E402
 from analysis.tables import Table, build_tables, reference_setting  # noqa: E402
@@ -165,6 +168,7 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     blocks += [("ul", facts)]
     blocks += learning_blocks(results.evals, endpoints, results.setting_columns, reference, endpoint)
     blocks += paired_blocks(paired, endpoints, results.setting_columns, endpoint)
+    blocks += per_task_blocks(endpoints, results.setting_columns, reference, results.task_columns, endpoint)
     blocks += between_values_blocks(endpoints, results.setting_columns, reference, endpoint)
     blocks += [("h2", "How to read the tables"), ("ul", [
         "score: normalized score (mean over tasks of return / 10), averaged over seeds, of each run's "
@@ -247,6 +251,26 @@ def paired_blocks(paired, endpoints, setting_columns: list[str], endpoint: str) 
         sentences = verdicts(paired) or ["Only scratch settings ran: nothing to compare."]
     return [("h2", "Distillation vs scratch (paired by seed)"), ("p", intro), ("ul", sentences),
             ("p", evaluation_noise(endpoints, setting_columns, endpoint))]
+
+
+def per_task_blocks(endpoints, setting_columns: list[str], reference: dict[str, object], task_columns: list[str],
+                    endpoint: str) -> list[tuple]:
+    """Distillation vs scratch task by task (`per_task_versus_scratch`): one table (a row per
+    distilled setting, a column per task) and one sentence on the CIs that exclude 0; nothing
+    when no distilled setting has a scratch setting or the rows carry no task scores."""
+    rows = per_task_versus_scratch(endpoints, setting_columns, reference, task_columns)
+    if rows.empty or not (rows["n_pairs"] > 0).any():
+        return []
+    tasks = list(dict.fromkeys(rows["task"]))
+    cells = {(row["label"], row["task"]): f"{number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])}"
+             for row in rows.to_dict("records")}
+    labels = list(dict.fromkeys(rows["label"]))
+    intro = (f"Each distilled setting's {endpoint} score on one task (return / 10) minus its scratch setting's on the "
+             "same task, seed by seed; mean and 95% percentile-bootstrap CI. Effects of opposite sign on different "
+             "tasks cancel in the mean over tasks.")
+    return [("h3", "Per task"), ("p", intro),
+            ("table", ["setting", *tasks], [[label, *(cells[label, task] for task in tasks)] for label in labels], 1),
+            ("p", task_findings(rows))]
 
 
 def between_values_blocks(endpoints, setting_columns: list[str], reference: dict[str, object],

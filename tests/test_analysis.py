@@ -16,7 +16,7 @@ import scipy.stats
 
 from analysis.findings import evaluation_noise
 from analysis.load import ResultsError, load_results
-from analysis.paired import paired_table, versus_reference_value, versus_start
+from analysis.paired import paired_table, per_task_versus_scratch, versus_reference_value, versus_start
 from analysis.paper import PAPER_LABEL
 from analysis.plots import (PAPER_AXIS_LABEL, SCORE_LABEL, SIZE_LABEL, STEPS_LABEL, learning_curves_figure,
                             report_figures)
@@ -609,6 +609,45 @@ def test_learning_section_pairs_each_setting_with_its_own_untrained_students(tmp
     # a sweep without step-0 rows has no such section
     assert "## Learning: " not in build_report(write_sweep(tmp_path / "plain", population_rows()),
                                               formats=("md",)).read_text(encoding="utf-8")
+
+
+def test_per_task_differences_show_effects_that_cancel_in_the_mean(tmp_path):
+    """d_coef 0.45 helps walker-walk by +4 and hurts cheetah-run by -4 on every seed (plus known
+    noise): the mean over tasks does not move, the per-task table and sentence say both."""
+    def trial(trial_id, d_coef, per_seed):
+        return [{**evaluation(trial_id, 1000, scores(a, b), phase=phase, d_coef=d_coef, seed=seed), "episodes": 3}
+                for seed, (a, b) in per_seed.items() for phase in ("train", "final")]
+
+    scratch = {s: (SCRATCH[s], SCRATCH[s] + 1.0) for s in SEEDS}
+    distilled = {s: (a + 4.0 + NOISE[s], b - 4.0 + NOISE[s]) for s, (a, b) in scratch.items()}
+    flat = {s: (a + NO_EFFECT[s], b + NO_EFFECT[s]) for s, (a, b) in scratch.items()}
+    sweep = write_sweep(tmp_path / "sweep", trial("t0", 0.0, scratch) + trial("t45", 0.45, distilled)
+                        + trial("t9", 0.9, {s: v for s, v in flat.items() if s != 5}))  # 4 seeds pair
+    results, trials, _, reference, _ = analyse(sweep)
+    rows = per_task_versus_scratch(endpoint_outcomes(results, trials), results.setting_columns, reference,
+                                   results.task_columns)
+    assert list(zip(rows["label"], rows["task"], rows["n_pairs"])) == [
+        ("d_coef=0.45", "walker-walk", 5), ("d_coef=0.45", "cheetah-run", 5),
+        ("d_coef=0.9", "walker-walk", 4), ("d_coef=0.9", "cheetah-run", 4)]
+    noise = [NOISE[s] for s in SEEDS]
+    up, down = [4.0 + n for n in noise], [-4.0 + n for n in noise]
+    assert rows["delta"].tolist()[:2] == pytest.approx([np.mean(up), np.mean(down)])
+    assert rows[["delta_ci_low", "delta_ci_high"]].to_numpy()[:2].ravel().tolist() == pytest.approx(
+        [*percentile_ci(up), *percentile_ci(down)])
+    flat_delta = [NO_EFFECT[s] for s in SEEDS if s != 5]
+    assert rows[["delta_ci_low", "delta_ci_high"]].to_numpy()[2].tolist() == pytest.approx(percentile_ci(flat_delta))
+    text = build_report(sweep, formats=("md",)).read_text(encoding="utf-8")
+    overall = [NOISE[s] for s in SEEDS]  # the mean over tasks: the effects cancel, the noise is left
+    assert (f"- d_coef=0.45: {np.mean(overall):+.2f} [{percentile_ci(overall)[0]:.2f}, {percentile_ci(overall)[1]:.2f}] "
+            "over scratch on 5 paired seeds") in text
+    low, high = percentile_ci(up)
+    assert f"| d_coef=0.45 | +{np.mean(up):.2f} [{low:.2f}, {high:.2f}] | " in text
+    assert ("Of 4 (setting, task) differences, each compared alone with no correction for 4 comparisons, the 95% "
+            f"CI lies entirely above 0 for 1 (walker-walk at d_coef=0.45 +{np.mean(up):.2f} [{low:.2f}, {high:.2f}]) "
+            "and entirely below 0 for 1 (cheetah-run at d_coef=0.45 ") in text
+    # without a scratch setting there is nothing to subtract: no per-task section
+    alone = build_report(write_sweep(tmp_path / "alone", trial("t45", 0.45, distilled)), formats=("md",))
+    assert "### Per task" not in alone.read_text(encoding="utf-8")
 
 
 def test_evaluation_noise_is_stated_beside_the_between_seed_spread(population_report, d_coef_report):

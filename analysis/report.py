@@ -18,11 +18,11 @@ import io  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 
-from analysis.findings import (comparison, endpoint_name, evaluation_noise, headline, learned, task_findings,  # noqa: E402
-                               verdicts)
+from analysis.findings import (comparison, endpoint_name, episodes_text, evaluation_noise, headline, learned,  # noqa: E402
+                               task_findings, verdicts)
 from analysis.load import CONFIG_PREFIX, RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri, load_results  # noqa: E402
 from analysis.paired import (SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, per_task_versus_scratch,  # noqa: E402
-                             versus_reference_value, versus_start)
+                             start_rows, versus_reference_value, versus_start)
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
 from analysis.plots import report_figures  # noqa: E402
 from analysis.render import (csv_text, display, html_table, interval, markdown, number, table_latex,  # noqa: E402
@@ -228,8 +228,8 @@ def learning_blocks(evals, endpoints, setting_columns: list[str], reference: dic
         return []
     intro = (f"Each setting's {endpoint} score against the same students before any update (their step-0 "
              f"evaluation), seed by seed; 95% percentile-bootstrap CI of the mean difference ({N_RESAMPLES} "
-             "resamples, fixed seed). The step-0 evaluation uses the curve's episodes per task, so its noise is "
-             "in the CI.")
+             f"resamples, fixed seed). The step-0 evaluation uses the curve's episodes per task "
+             f"({episodes_text(start_rows(evals))}), so its noise is in the CI.")
     return [("h2", "Learning: trained against untrained (paired by seed)"), ("p", intro),
             ("ul", [learned(row) for row in rows.to_dict("records")])]
 

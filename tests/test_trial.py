@@ -326,7 +326,7 @@ def test_quick_preset_settings_are_pinned():
     quick = preset_config("quick")
     assert quick.student_dims == dict(enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16, num_q=2)
     assert (quick.num_seeds, quick.steps, quick.batch_size, quick.lr) == (5, 3000, 256, 3e-3)
-    assert (quick.eval_every, quick.eval_episodes, quick.final_eval_episodes, quick.eval_max_steps) == (1000, 2, 6, 200)
+    assert (quick.eval_every, quick.eval_episodes, quick.final_eval_episodes, quick.eval_max_steps) == (1000, 1, 6, 200)
     assert quick.eval_at_start  # the curve starts at the untrained students (step 0): 4 points
     assert quick.train == {} and quick.train_config().compile == "auto"  # eager on CPU, compiled on CUDA
     assert 1 + quick.steps // quick.eval_every >= 4  # every learning curve has at least 4 points, step 0 included

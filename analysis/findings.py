@@ -154,7 +154,9 @@ def episodes_text(endpoints: pd.DataFrame) -> str:
     if episodes.empty:
         return "episodes per task unknown"
     low, high = format_value(episodes.min()), format_value(episodes.max())
-    return f"{low} episodes per task" if low == high else f"{low}–{high} episodes per task"
+    if low != high:
+        return f"{low}–{high} episodes per task"
+    return f"{low} episode per task" if low == "1" else f"{low} episodes per task"
 
 
 def measured_se(endpoints: pd.DataFrame) -> np.ndarray:

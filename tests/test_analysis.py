@@ -600,6 +600,7 @@ def test_learning_section_pairs_each_setting_with_its_own_untrained_students(tmp
     text = build_report(sweep, formats=("md",)).read_text(encoding="utf-8")
     assert "## Learning: trained against untrained (paired by seed)" in text
     assert text.index("## Learning") < text.index("## Distillation vs scratch")
+    assert "The step-0 evaluation has 2 episodes per task (the learning curve's), and its noise is in the CI." in text
     assert ("- d_coef=0: 11.20 trained against 6.00 untrained (1.87x); difference +5.20 [{:.2f}, {:.2f}] on 5 paired "
             "seeds; the 95% CI excludes 0: the students learn.").format(*percentile_ci(gains)) in text
     assert ("- d_coef=0.9: {:.2f} trained against 6.00 untrained ({:.2f}x); difference {:+.2f} [{:.2f}, {:.2f}] on 5 "
@@ -678,6 +679,8 @@ def test_evaluation_noise_of_rows_some_of_which_lack_eval_se(tmp_path):
     # One episode per task has no spread to measure: such an eval_se (0) is not a measurement.
     one_episode = endpoints.assign(episodes=1)
     assert "Evaluation noise: unknown" in evaluation_noise(one_episode, results.setting_columns, "final fp32")
+    assert "or from 1 episode per task); 1 episode per task." in evaluation_noise(one_episode, results.setting_columns,
+                                                                                 "final fp32")
 
 
 def test_learning_curve_band_is_the_bootstrap_ci_over_seeds_at_each_step(population_report):

@@ -25,8 +25,8 @@ from analysis.paired import (SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, per_t
                              start_rows, versus_reference_value, versus_start)
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
 from analysis.plots import report_figures  # noqa: E402
-from analysis.render import (csv_text, display, html_table, interval, markdown, number, table_latex,  # noqa: E402
-                             table_markdown)
+from analysis.render import (csv_text, display, html_table, interval, latex, markdown, number,  # noqa: E402
+                             table_latex, table_markdown)
 from analysis.stats import N_RESAMPLES  # noqa: E402
 from analysis.summary import learning_curves, setting_label, setting_summaries  # noqa: E402
 from analysis.tables import Table, build_tables, reference_setting  # noqa: E402
@@ -108,8 +108,14 @@ def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS
             (out / "tables" / f"{two_way.name}{suffix}").write_text(render(two_way), encoding="utf-8")
     for name, png in images.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
+    endpoints = endpoint_outcomes(results, trials)
+    task_rows = per_task_versus_scratch(endpoints, results.setting_columns, reference, results.task_columns)
+    for fmt in formats if _has_pairs(task_rows) else ():
+        if fmt in TABLE_WRITERS:
+            suffix = TABLE_WRITERS[fmt][0]
+            (out / "tables" / f"{PER_TASK_NAME}{suffix}").write_text(_per_task_text(task_rows, fmt), encoding="utf-8")
 
-    blocks = report_blocks(results, trials, tables, images, reference, endpoint_outcomes(results, trials), two_way)
+    blocks = report_blocks(results, trials, tables, images, reference, endpoints, two_way)
     (out / "report.md").write_text(blocks_markdown(blocks), encoding="utf-8")
     if "html" in formats:
         (out / "report.html").write_text(blocks_html(blocks, images, report_title(results)), encoding="utf-8")
@@ -259,18 +265,41 @@ def per_task_blocks(endpoints, setting_columns: list[str], reference: dict[str, 
     distilled setting, a column per task) and one sentence on the CIs that exclude 0; nothing
     when no distilled setting has a scratch setting or the rows carry no task scores."""
     rows = per_task_versus_scratch(endpoints, setting_columns, reference, task_columns)
-    if rows.empty or not (rows["n_pairs"] > 0).any():
+    if not _has_pairs(rows):
         return []
-    tasks = list(dict.fromkeys(rows["task"]))
-    cells = {(row["label"], row["task"]): f"{number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])}"
-             for row in rows.to_dict("records")}
-    labels = list(dict.fromkeys(rows["label"]))
     intro = (f"Each distilled setting's {endpoint} score on one task (return / 10) minus its scratch setting's on the "
              "same task, seed by seed; mean and 95% percentile-bootstrap CI. Effects of opposite sign on different "
              "tasks cancel in the mean over tasks.")
-    return [("h3", "Per task"), ("p", intro),
-            ("table", ["setting", *tasks], [[label, *(cells[label, task] for task in tasks)] for label in labels], 1),
-            ("p", task_findings(rows))]
+    return [("h3", "Per task"), ("p", intro), ("table", *_per_task_display(rows)), ("p", task_findings(rows))]
+
+
+PER_TASK_NAME = "per_task_vs_scratch"  # file stem under tables/
+
+
+def _has_pairs(task_rows) -> bool:
+    return not task_rows.empty and bool((task_rows["n_pairs"] > 0).any())
+
+
+def _per_task_display(task_rows) -> tuple[list[str], list[list[str]], int]:
+    """A `per_task_versus_scratch` frame as a table: a row per distilled setting, a column per
+    task, cells `+1.23 [0.45, 2.01]`; header, rows and the one label column."""
+    tasks, labels = list(dict.fromkeys(task_rows["task"])), list(dict.fromkeys(task_rows["label"]))
+    cells = {(row["label"], row["task"]): f"{number(row['delta'], signed=True)} {interval(row['delta_ci_low'], row['delta_ci_high'])}"
+             for row in task_rows.to_dict("records")}
+    return ["setting", *tasks], [[label, *(cells[label, task] for task in tasks)] for label in labels], 1
+
+
+def _per_task_text(task_rows, fmt: str) -> str:
+    """The per-task table as md (as in report.md), tex, or csv (long: one line per setting and
+    task, numbers at 4 decimals, empty = unknown)."""
+    if fmt == "csv":
+        frame = task_rows[["label", "task", "delta", "delta_ci_low", "delta_ci_high", "n_pairs"]]
+        return frame.rename(columns={"label": "setting"}).to_csv(index=False, float_format="%.4f", lineterminator="\n",
+                                                                na_rep="")
+    if fmt == "latex":
+        return latex(*_per_task_display(task_rows), caption="Distilled minus scratch, per task (paired by seed)",
+                     label=PER_TASK_NAME)
+    return markdown(*_per_task_display(task_rows))
 
 
 def between_values_blocks(endpoints, setting_columns: list[str], reference: dict[str, object],

@@ -165,7 +165,8 @@ def test_same_input_gives_byte_identical_tables_and_report(tmp_path):
     first = build_report(sweep, out_dir=tmp_path / "first").parent
     second = build_report(sweep, out_dir=tmp_path / "second").parent
     names = sorted(path.name for path in (first / "tables").iterdir())
-    assert names == ["d_coef.csv", "d_coef.md", "d_coef.tex", "quant.csv", "quant.md", "quant.tex"]
+    assert names == ["d_coef.csv", "d_coef.md", "d_coef.tex", "per_task_vs_scratch.csv", "per_task_vs_scratch.md",
+                     "per_task_vs_scratch.tex", "quant.csv", "quant.md", "quant.tex"]
     for name in names:
         assert (first / "tables" / name).read_bytes() == (second / "tables" / name).read_bytes(), name
     assert (first / "report.md").read_bytes() == (second / "report.md").read_bytes()
@@ -390,7 +391,7 @@ def test_script_runs_from_anywhere_without_importing_the_rest_of_the_project(tmp
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in run.stderr.splitlines() if "|" in line}
     assert {"analysis", "pandas", "scipy"} <= imported
     assert not imported & {"agent", "sweeps", "ray", "torch"}
-    assert sorted(path.name for path in (out / "tables").iterdir()) == ["d_coef.csv"]  # --format picks files
+    assert sorted(path.name for path in (out / "tables").iterdir()) == ["d_coef.csv", "per_task_vs_scratch.csv"]  # --format picks files
     assert not (out / "report.html").exists()
     for name in ("tables/d_coef.csv", "report.md"):  # another process (another hash seed): the same bytes
         assert (out / name).read_bytes() == (d_coef_report.parent / name).read_bytes(), name
@@ -646,9 +647,17 @@ def test_per_task_differences_show_effects_that_cancel_in_the_mean(tmp_path):
     assert ("Of 4 (setting, task) differences, each compared alone with no correction for 4 comparisons, the 95% "
             f"CI lies entirely above 0 for 1 (walker-walk at d_coef=0.45 +{np.mean(up):.2f} [{low:.2f}, {high:.2f}]) "
             "and entirely below 0 for 1 (cheetah-run at d_coef=0.45 ") in text
-    # without a scratch setting there is nothing to subtract: no per-task section
-    alone = build_report(write_sweep(tmp_path / "alone", trial("t45", 0.45, distilled)), formats=("md",))
+    # the same numbers as a table file, one line per setting and task
+    build_report(sweep, formats=("md", "csv"))
+    written = pd.read_csv(sweep / "report" / "tables" / "per_task_vs_scratch.csv")
+    assert written.columns.tolist() == ["setting", "task", "delta", "delta_ci_low", "delta_ci_high", "n_pairs"]
+    assert written["setting"].tolist() == rows["label"].tolist() and written["task"].tolist() == rows["task"].tolist()
+    assert np.allclose(written[["delta", "delta_ci_low", "delta_ci_high"]], rows[["delta", "delta_ci_low", "delta_ci_high"]],
+                       atol=1e-4)
+    # without a scratch setting there is nothing to subtract: no per-task section or file
+    alone = build_report(write_sweep(tmp_path / "alone", trial("t45", 0.45, distilled)), formats=("md", "csv"))
     assert "### Per task" not in alone.read_text(encoding="utf-8")
+    assert not (alone.parent / "tables" / "per_task_vs_scratch.csv").exists()
 
 
 def test_evaluation_noise_is_stated_beside_the_between_seed_spread(population_report, d_coef_report):

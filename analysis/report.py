@@ -115,7 +115,7 @@ def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS
             suffix = TABLE_WRITERS[fmt][0]
             (out / "tables" / f"{PER_TASK_NAME}{suffix}").write_text(_per_task_text(task_rows, fmt), encoding="utf-8")
 
-    blocks = report_blocks(results, trials, tables, images, reference, endpoints, two_way)
+    blocks = report_blocks(results, trials, tables, images, reference, endpoints, task_rows, two_way)
     (out / "report.md").write_text(blocks_markdown(blocks), encoding="utf-8")
     if "html" in formats:
         (out / "report.html").write_text(blocks_html(blocks, images, report_title(results)), encoding="utf-8")
@@ -143,7 +143,7 @@ def _clear_previous(out: Path) -> None:
 # ("h1"|"h2"|"h3"|"p", text), ("ul", [text]), ("table", headers, rows, n_labels), ("img", plot name, caption).
 
 def report_blocks(results: SweepResults, trials, tables: list[Table], images: dict[str, bytes],
-                  reference: dict[str, object], endpoints, two_way: TwoWayTable | None = None) -> list[tuple]:
+                  reference: dict[str, object], endpoints, task_rows, two_way: TwoWayTable | None = None) -> list[tuple]:
     """The report's content, in order: headline, facts, paired differences against scratch and the
     evaluation noise, how to read the tables, tables (a crossed sweep's two-way table first) and
     plots, failed runs."""
@@ -174,7 +174,7 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     blocks += [("ul", facts)]
     blocks += learning_blocks(results.evals, endpoints, results.setting_columns, reference, endpoint)
     blocks += paired_blocks(paired, endpoints, results.setting_columns, endpoint)
-    blocks += per_task_blocks(endpoints, results.setting_columns, reference, results.task_columns, endpoint)
+    blocks += per_task_blocks(task_rows, endpoint)
     blocks += between_values_blocks(endpoints, results.setting_columns, reference, endpoint)
     blocks += [("h2", "How to read the tables"), ("ul", [
         "score: normalized score (mean over tasks of return / 10), averaged over seeds, of each run's "
@@ -259,12 +259,10 @@ def paired_blocks(paired, endpoints, setting_columns: list[str], endpoint: str) 
             ("p", evaluation_noise(endpoints, setting_columns, endpoint))]
 
 
-def per_task_blocks(endpoints, setting_columns: list[str], reference: dict[str, object], task_columns: list[str],
-                    endpoint: str) -> list[tuple]:
-    """Distillation vs scratch task by task (`per_task_versus_scratch`): one table (a row per
-    distilled setting, a column per task) and one sentence on the CIs that exclude 0; nothing
-    when no distilled setting has a scratch setting or the rows carry no task scores."""
-    rows = per_task_versus_scratch(endpoints, setting_columns, reference, task_columns)
+def per_task_blocks(rows, endpoint: str) -> list[tuple]:
+    """Distillation vs scratch task by task, from a `per_task_versus_scratch` frame: one table (a
+    row per distilled setting, a column per task) and one sentence on the CIs that exclude 0;
+    nothing when no distilled setting has a scratch setting or the rows carry no task scores."""
     if not _has_pairs(rows):
         return []
     intro = (f"Each distilled setting's {endpoint} score on one task (return / 10) minus its scratch setting's on the "

@@ -1,4 +1,5 @@
-"""Read one sweep's result files (docs/results-format.md) into one tidy DataFrame.
+"""Read one sweep's result files (docs/results-format.md) into one tidy DataFrame, or several
+sweeps of the same settings with different seeds, pooled (`pool_results`).
 
 Only `sweep.json` and `results.jsonl` are read, so a copied directory works without Ray.
 """
@@ -8,6 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -78,6 +80,98 @@ def load_results(directory: str | Path) -> SweepResults:
     tasks = tuple(column[len(TASK_PREFIX):] for column in evals.columns if column.startswith(TASK_PREFIX))
     swept = swept_keys(meta, evals, directory / SWEEP_FILE)
     return SweepResults(directory=directory, meta=meta, evals=evals, swept=swept, tasks=tasks)
+
+
+# sweep.json base_config keys in which pooled sweeps may differ: which seeds they ran
+POOL_FREE_KEYS = (SEED_KEY, "num_seeds")
+
+
+def pool_results(parts: Sequence[SweepResults], names: Sequence[str] | None = None) -> SweepResults:
+    """One SweepResults over sweeps that ran the same settings with different seeds (e.g. a sweep
+    repeated with `--set seed=6` to add seeds 6-10 to one that ran 1-5).
+
+    Raises ResultsError, naming both directories, when two sweeps differ in their tasks, swept keys
+    or settings (sweep.json's base_config and grids, seeds aside; sweeps without sweep.json are
+    compared by swept keys and tasks only; teacher files are compared by their config labels, not
+    their contents), or when one setting's seed is in both. Trial ids are prefixed with the sweep's
+    directory name where two sweeps share one; `line` keeps the order of the files as given.
+    `names` (default: the directories) name the sweeps in messages and in meta["pooled"].
+    """
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    names = [str(part.directory) for part in parts] if names is None else list(names)
+    first = parts[0]
+    for other, name in zip(parts[1:], names[1:]):
+        _check_poolable(first, other, f"cannot pool {name} with {names[0]}")
+    _check_distinct_seeds(parts, names)
+    trial_sets = [set(part.evals["trial_id"].astype(str)) for part in parts]
+    shared_ids = len(set().union(*trial_sets)) < sum(len(ids) for ids in trial_sets)
+    frames, offset = [], 0
+    for part in parts:
+        frame = part.evals.drop(columns=[RUN_COLUMN]).assign(line=part.evals["line"] + offset)
+        if shared_ids:
+            frame["trial_id"] = part.directory.name + "/" + frame["trial_id"].astype(str)
+        offset = int(frame["line"].max())
+        frames.append(frame)
+    evals = pd.concat(frames, ignore_index=True)
+    evals.insert(2, RUN_COLUMN, run_ids(evals))
+    meta = dict(first.meta)
+    meta["pooled"] = [{"directory": name, "created": part.meta.get("created"), "seeds": sorted(_seed_values(part))}
+                      for part, name in zip(parts, names)]
+    for key in ("seeds", "trials"):
+        values = [part.meta.get(key) for part in parts]
+        if all(isinstance(v, int) for v in values):
+            meta[key] = sum(values)
+    return SweepResults(directory=first.directory, meta=meta, evals=evals, swept=first.swept, tasks=first.tasks)
+
+
+def _poolable_config(meta: dict) -> dict | None:
+    """What must be equal in sweeps that are pooled: base_config without POOL_FREE_KEYS, grids."""
+    if not meta:
+        return None
+    base = {k: v for k, v in (meta.get("base_config") or {}).items() if k not in POOL_FREE_KEYS}
+    return {**{f"base_config.{k}": v for k, v in base.items()}, "grids": meta.get("grids"),
+            "task_set": meta.get("task_set")}
+
+
+def _check_poolable(first: SweepResults, other: SweepResults, where: str) -> None:
+    if other.tasks != first.tasks:
+        raise ResultsError(f"{where}: their tasks differ ({', '.join(first.tasks)} vs {', '.join(other.tasks)})")
+    if other.swept != first.swept:
+        raise ResultsError(f"{where}: their swept keys differ ({', '.join(first.swept) or 'none'} vs "
+                           f"{', '.join(other.swept) or 'none'})")
+    a, b = _poolable_config(first.meta), _poolable_config(other.meta)
+    if a is not None and b is not None and a != b:
+        key = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))[0]
+        raise ResultsError(f"{where}: their settings differ in {key} ({json.dumps(a.get(key), sort_keys=True)} vs "
+                           f"{json.dumps(b.get(key), sort_keys=True)})")
+
+
+def _seed_values(part: SweepResults) -> set:
+    column = CONFIG_PREFIX + SEED_KEY
+    if column not in part.evals.columns:
+        return set()
+    return {v for v in part.evals[column] if not is_missing(v)}
+
+
+def _check_distinct_seeds(parts: Sequence[SweepResults], names: Sequence[str]) -> None:
+    """No (setting, seed) in two sweeps: pooled seeds must be independent runs."""
+    owner: dict[tuple, str] = {}
+    seed_column = CONFIG_PREFIX + SEED_KEY
+    for part, name in zip(parts, names):
+        if seed_column not in part.evals.columns:
+            raise ResultsError(f"cannot pool {name}: its rows carry no config.seed")
+        columns = part.setting_columns + [seed_column]
+        for values in part.evals[columns].drop_duplicates().itertuples(index=False):
+            key = tuple(json.dumps(v, sort_keys=True, default=str) for v in values)
+            if key in owner and owner[key] != name:
+                setting = ", ".join(f"{c[len(CONFIG_PREFIX):]}={format_value(v)}"
+                                    for c, v in zip(part.setting_columns, values)) or "the only setting"
+                raise ResultsError(f"cannot pool {name} with {owner[key]}: both ran seed "
+                                   f"{format_value(values[-1])} of {setting}; pooled sweeps need distinct seeds "
+                                   "(run the later one with --set seed=N)")
+            owner[key] = name
 
 
 def is_uri(results_dir: str | Path) -> bool:

@@ -4,6 +4,7 @@ report.md and a self-contained report.html.
     python analysis/report.py RESULTS_DIR [--format md,latex,csv,html] [--out DIR]
     python -m analysis.report RESULTS_DIR
     python analysis/report.py s3://BUCKET/PATH --out DIR    # a sweep's --out in an object store
+    python analysis/report.py RUNS_1 RUNS_2 --out DIR       # sweeps of the same settings, other seeds, pooled
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import base64  # noqa: E402
 import html  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterable, Sequence  # noqa: E402
 
 from analysis.findings import (comparison, endpoint_name, episodes_text, evaluation_noise, headline, learned,  # noqa: E402
                                task_findings, verdicts)
-from analysis.load import CONFIG_PREFIX, RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri, load_results  # noqa: E402
+from analysis.load import (CONFIG_PREFIX, RUN_COLUMN, ResultsError, SweepResults, fetch_results, is_uri,  # noqa: E402
+                           load_results, pool_results)
 from analysis.paired import (SCRATCH_FREE_KEYS, SCRATCH_KEY, paired_table, per_task_versus_scratch,  # noqa: E402
                              start_rows, versus_reference_value, versus_start)
 from analysis.paper import PAPER_CITATION, PAPER_LABEL  # noqa: E402
@@ -59,30 +62,45 @@ def parse_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS, out_dir: str | Path | None = None) -> Path:
+def build_report(results_dir: str | Path | Sequence[str | Path], formats: str | Iterable[str] = FORMATS,
+                 out_dir: str | Path | None = None) -> Path:
     """Analyse `results_dir` and write the report into `out_dir` (default RESULTS_DIR/report).
 
     report.md and plots/*.png are always written; `formats` picks tables/<name>.md|.tex|.csv and
     report.html. Returns the path of report.md. Raises ResultsError / UsageError on bad input.
 
     `results_dir` may be an object store URI (s3://BUCKET/PATH, see `load.fetch_results`): its
-    result files are read into a temporary directory, and `out_dir` is then required.
+    result files are read into a temporary directory, and `out_dir` is then required. A list of
+    several directories (or URIs) pools their seeds into one report (`load.pool_results`: same
+    settings, distinct seeds); `out_dir` is then required too.
     """
     formats = parse_formats(formats)
-    if is_uri(results_dir):
-        if out_dir is None:
-            where = str(results_dir).partition("?")[0]
-            raise UsageError(f"{where} is in an object store: give --out DIR for the report")
-        import tempfile
+    sources = [results_dir] if isinstance(results_dir, (str, Path)) else list(results_dir)
+    if not sources:
+        raise UsageError("no results directory given")
+    if out_dir is None and len(sources) > 1:
+        raise UsageError(f"pooling {len(sources)} sweeps: give --out DIR for the pooled report")
+    if out_dir is None and is_uri(sources[0]):
+        raise UsageError(f"{str(sources[0]).partition('?')[0]} is in an object store: give --out DIR for the report")
+    with tempfile.TemporaryDirectory(prefix="report-") as temp:
+        parts = [_read_sweep(source, Path(temp) / str(i)) for i, source in enumerate(sources)]
+        results = pool_results(parts, [str(source).partition("?")[0].rstrip("/") for source in sources])
+        return _write_report(results, formats, Path(out_dir) if out_dir is not None else results.directory / "report")
 
-        where = str(results_dir).partition("?")[0].rstrip("/")
-        with tempfile.TemporaryDirectory(prefix="report-") as temp:
-            copy = Path(temp) / (where.rsplit("/", 1)[-1] or "results")
-            try:
-                return build_report(fetch_results(str(results_dir), copy), formats, out_dir)
-            except ResultsError as exc:  # named as the user gave it, not as the temporary copy
-                raise ResultsError(str(exc).replace(str(copy), where)) from None
-    results = load_results(results_dir)
+
+def _read_sweep(source: str | Path, temp: Path) -> SweepResults:
+    """One sweep's results; an object store's are copied into `temp` first and named as given."""
+    if not is_uri(source):
+        return load_results(source)
+    where = str(source).partition("?")[0].rstrip("/")
+    copy = temp / (where.rsplit("/", 1)[-1] or "results")
+    try:
+        return load_results(fetch_results(str(source), copy))
+    except ResultsError as exc:  # named as the user gave it, not as the temporary copy
+        raise ResultsError(str(exc).replace(str(copy), where)) from None
+
+
+def _write_report(results: SweepResults, formats: tuple[str, ...], out: Path) -> Path:
     trials = trial_outcomes(results)
     summaries = setting_summaries(trials, results.setting_columns, results.task_columns)
     reference = reference_setting(results, trials)
@@ -93,7 +111,6 @@ def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS
                              two_way=two_way)
     images = {name: _png(figure) for name, figure in figures.items()}
 
-    out = Path(out_dir) if out_dir is not None else results.directory / "report"
     _clear_previous(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -123,7 +140,9 @@ def build_report(results_dir: str | Path, formats: str | Iterable[str] = FORMATS
 
 
 def report_title(results: SweepResults) -> str:
-    return f"Sweep report: {results.meta.get('name') or results.directory.name}"
+    pooled = results.meta.get("pooled")
+    suffix = f" ({len(pooled)} sweeps pooled)" if pooled else ""
+    return f"Sweep report: {results.meta.get('name') or results.directory.name}{suffix}"
 
 
 def _png(figure) -> bytes:
@@ -162,7 +181,11 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     if isinstance(meta.get("teacher"), dict):
         facts.append("teacher: " + ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
                                              for k, v in sorted(meta["teacher"].items())))
-    if meta.get("created"):
+    if meta.get("pooled"):
+        facts.append("pooled from: " + "; ".join(
+            f"{part['directory']} (seeds {', '.join(format_value(seed) for seed in part['seeds']) or 'none'}"
+            f"{', created ' + part['created'] if part.get('created') else ''})" for part in meta["pooled"]))
+    elif meta.get("created"):
         facts.append(f"sweep created: {meta['created']}")
     if not meta:
         facts.append("sweep.json was not found: swept keys were inferred from the trial configs")
@@ -364,8 +387,10 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results_dir", help="a sweep's --out directory (sweep.json, results.jsonl), or its object "
-                                            "store URI (s3://BUCKET/PATH; then --out is required)")
+    parser.add_argument("results_dir", nargs="+",
+                        help="a sweep's --out directory (sweep.json, results.jsonl), or its object store URI "
+                             "(s3://BUCKET/PATH; then --out is required); several: sweeps of the same settings "
+                             "with distinct seeds, pooled into one report (then --out is required)")
     parser.add_argument("--format", default=",".join(FORMATS),
                         help=f"comma-separated subset of {','.join(FORMATS)} (default: all); "
                              "report.md and the plots are always written")

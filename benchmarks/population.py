@@ -15,7 +15,20 @@ torch thread; the population process runs `--threads` (default: every core, so b
 same machine). Ratios are population / separate measured in this run. The last output line is one
 JSON object.
 
+`--cost-model` measures instead, in this process on one thread, what bounds that ratio: the update
+time of the single-student Trainer and of the eager population (K in `--members`) at each batch
+size B in `--batches`, fitted as
+
+    separate:    t(B)    = fixed + per_sample * B          (one student)
+    population:  t(K, B) = fixed + per_sample * K * B      (K students)
+
+A population amortizes only `fixed`; its K-member update can never take less than per_sample * K *
+B, so no K beats the ceiling t_separate(B) / (per_sample_population * B). Beside it: the matmul
+floor, the update's matmul FLOPs per sample (torch's FlopCounterMode) at this host's GEMM rate for
+the student's layer shapes, both measured in this run; the ceiling if every non-matmul cost vanished.
+
     python benchmarks/population.py [--members 1,5,10] [--updates 60] [--compile both|off|on] [--threads N]
+    python benchmarks/population.py --cost-model [--batches 32,256] [--members 1,5] [--updates 20]
 """
 from __future__ import annotations
 
@@ -26,10 +39,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from _common import best_time
 from agent.checkpoint import save_world_model
 from agent.config import DistillConfig, TrainConfig, model_config
 from agent.data import write_store
@@ -41,8 +56,8 @@ STUDENT = QUICK_DEFAULTS["student_dims"]  # the quick preset's student, batch an
 BATCH = QUICK_DEFAULTS["batch_size"]
 
 
-def _train_config(compile: str = "off") -> TrainConfig:
-    return TrainConfig(batch_size=BATCH, lr=QUICK_DEFAULTS["lr"], distill=DistillConfig(target="reward", d_coef=0.45),
+def _train_config(compile: str = "off", batch_size: int = BATCH) -> TrainConfig:
+    return TrainConfig(batch_size=batch_size, lr=QUICK_DEFAULTS["lr"], distill=DistillConfig(target="reward", d_coef=0.45),
                        compile=compile)
 
 
@@ -118,6 +133,88 @@ def run_separate(store: Path, teacher: Path, members: int, updates: int) -> floa
     return max(ends) - began
 
 
+def _seconds_per_update(train: Callable[[int], object], updates: int) -> float:
+    train(3)
+    started = time.perf_counter()
+    train(updates)
+    return (time.perf_counter() - started) / updates
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs."""
+    slope, intercept = np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), 1)
+    return float(intercept), float(slope)
+
+
+def matmul_floor_s_per_sample(store: Path, teacher: Path, repeats: int = 20) -> tuple[float, float, float]:
+    """(matmul FLOPs per sample of one single-student update, this host's GEMM FLOP/s at the
+    student's layer shapes on this thread count, their quotient: seconds per sample)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from agent.train import offline_trainer
+
+    trainer = offline_trainer(_student(1), store, _train_config(), teacher)
+    trainer.train(1)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train(1)
+    flops_per_sample = counter.get_total_flops() / BATCH
+    # the student's hidden-layer GEMM, horizon x batch rows (its other layers' shapes run no faster)
+    width, rows = STUDENT["mlp_dim"], (4 * BATCH)
+    a, w = torch.randn(rows, width), torch.randn(width, width)
+    rate = 2 * rows * width * width / best_time(lambda: a @ w, repeats=repeats)
+    return flops_per_sample, rate, flops_per_sample / rate
+
+
+def cost_model(store: Path, teacher: Path, batches: Sequence[int], members: Sequence[int], updates: int) -> dict:
+    """Fixed and per-sample update costs of both executors on one thread (see the module docstring)."""
+    from agent.population import offline_members
+    from agent.train import offline_trainer
+
+    torch.set_num_threads(1)
+    single, population = {}, {}
+    for b in batches:
+        cfg = _train_config(batch_size=b)
+        trainer = offline_trainer(_student(1), store, cfg, teacher)
+        single[b] = _seconds_per_update(trainer.train, updates)
+        for k in members:
+            seeds = list(range(1, k + 1))
+            pop = offline_members([_student(s) for s in seeds], store, cfg, seeds, teacher, log=lambda _: None)
+            population[(k, b)] = _seconds_per_update(pop.train, updates)
+    s_fixed, s_per = _line(list(single), list(single.values()))
+    p_fixed, p_per = _line([k * b for k, b in population], list(population.values()))
+    flops, rate, floor = matmul_floor_s_per_sample(store, teacher)
+    return {
+        "separate_ms": {str(b): round(1e3 * t, 2) for b, t in single.items()},
+        "population_ms": {f"K={k},B={b}": round(1e3 * t, 2) for (k, b), t in population.items()},
+        "separate_fit": {"fixed_ms": round(1e3 * s_fixed, 2), "per_sample_us": round(1e6 * s_per, 2)},
+        "population_fit": {"fixed_ms": round(1e3 * p_fixed, 2), "per_sample_us": round(1e6 * p_per, 2)},
+        "matmul_floor": {"flops_per_sample": round(flops), "gemm_gflops": round(rate / 1e9, 1),
+                         "per_sample_us": round(1e6 * floor, 2)},
+        # at the quick preset's batch: separate seconds per student-update over the population's
+        # least possible seconds per student-update (fixed cost fully amortized)
+        # (None where the fit's per-sample cost is not positive: timings too noisy to bound anything)
+        "ceiling_ratio_at_batch": {str(b): round(single[b] / (p_per * b), 2) if p_per > 0 else None for b in batches},
+        "ceiling_ratio_at_matmul_floor": {str(b): round(single[b] / (floor * b), 2) for b in batches},
+    }
+
+
+def print_cost_model(result: dict) -> None:
+    s, p, f = result["separate_fit"], result["population_fit"], result["matmul_floor"]
+    print("one thread, ms per update:")
+    for b, t in result["separate_ms"].items():
+        print(f"  separate (1 student), B={b}: {t}")
+    for key, t in result["population_ms"].items():
+        print(f"  population {key}: {t}")
+    print(f"fit: separate {s['fixed_ms']} ms + {s['per_sample_us']} us x B; "
+          f"population {p['fixed_ms']} ms + {p['per_sample_us']} us x K x B")
+    print(f"matmul floor: {f['flops_per_sample'] / 1e6:.2f} MFLOP per sample at {f['gemm_gflops']} GFLOP/s = "
+          f"{f['per_sample_us']} us per sample")
+    for b, r in result["ceiling_ratio_at_batch"].items():
+        ceiling = f"{r}x" if r is not None else "none (per-sample cost fitted <= 0: time more updates)"
+        print(f"B={b}: ceiling of population / separate over every K: {ceiling}; "
+              f"with only matmuls left: {result['ceiling_ratio_at_matmul_floor'][b]}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", default="1,5,10", help="population sizes K (comma-separated)")
@@ -126,10 +223,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="population executors to time: eager (off), compiled (on) or both")
     parser.add_argument("--threads", type=int, default=mp.cpu_count(),
                         help="torch threads of the population process (default: every core)")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="fit fixed and per-sample update costs on one thread instead (module docstring)")
+    parser.add_argument("--batches", default=f"32,{BATCH}", help="batch sizes of --cost-model (comma-separated)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     sizes = [int(k) for k in args.members.split(",")]
+    if args.cost_model:
+        batches = [int(b) for b in args.batches.split(",")]
+        if len(set(batches)) < 2:
+            parser.error(f"--cost-model needs two or more batch sizes to fit a line, got --batches {args.batches}")
+        with tempfile.TemporaryDirectory(prefix="bench-population-") as tmp:
+            store, teacher = make_inputs(Path(tmp))
+            result = cost_model(store, teacher, batches, sizes, args.updates)
+        print_cost_model(result)
+        print(json.dumps({"benchmark": "population-cost-model", "student": STUDENT, "updates": args.updates,
+                          "threads": 1, **result}))
+        return 0
     modes = ["off", "on"] if args.compile == "both" else [args.compile]
     label = {"off": "eager", "on": "compiled"}
     results = {}

@@ -887,3 +887,55 @@ def test_report_straight_from_an_s3_bucket(tmp_path, monkeypatch, capsys, d_coef
         assert main(["s3://sweeps/bad" + s3.query, "--out", str(tmp_path / "bad")]) == 2
         assert capsys.readouterr().err == ("report.py: error: s3://sweeps/bad/results.jsonl: line 1: missing key(s) "
                                            "status, config\n")
+
+
+# ---- pooling sweeps that ran other seeds of the same settings ----------------------------------
+
+def seeds_sweep(directory: Path, seeds, **meta) -> Path:
+    """Scratch and d_coef 0.45 (= scratch + 2 + seed-dependent noise) as population trials of the
+    given seeds; both sweeps name their trials alike, as two runs of one command would not."""
+    scratch = {s: 10.0 + s % 3 for s in seeds}
+    helped = {s: scratch[s] + 2.0 + 0.1 * (s % 4) - 0.15 for s in seeds}
+    rows = member_rows("t-d0", 0.0, scratch) + member_rows("t-d045", 0.45, helped)
+    return write_sweep(directory, rows, seeds=len(seeds), **meta)
+
+
+def test_pooled_sweeps_report_as_one_sweep_of_all_their_seeds(tmp_path):
+    first = seeds_sweep(tmp_path / "seeds-1-5", range(1, 6), created="2026-12-01T00:00:00Z")
+    second = seeds_sweep(tmp_path / "seeds-6-10", range(6, 11), created="2026-12-02T00:00:00Z")
+    pooled = build_report([first, second], formats=("md", "csv"), out_dir=tmp_path / "pooled")
+    together = build_report(seeds_sweep(tmp_path / "all", range(1, 11)), formats=("md", "csv"))
+    table = pd.read_csv(pooled.parent / "tables" / "d_coef.csv")
+    assert table.equals(pd.read_csv(together.parent / "tables" / "d_coef.csv"))
+    row = table.set_index("d_coef").loc[0.45]
+    differences = [2.0 + 0.1 * (s % 4) - 0.15 for s in range(1, 11)]
+    assert (row["n_pairs"], row["n_seeds"]) == (10, 10)
+    assert row["delta_vs_scratch"] == pytest.approx(np.mean(differences), abs=0.005)
+    assert (row["delta_ci_low"], row["delta_ci_high"]) == pytest.approx(percentile_ci(differences), abs=0.005)
+    text = pooled.read_text(encoding="utf-8")
+    assert text.startswith("# Sweep report: test-sweep (2 sweeps pooled)\n")
+    assert (f"- pooled from: {first} (seeds 1, 2, 3, 4, 5, created 2026-12-01T00:00:00Z); "
+            f"{second} (seeds 6, 7, 8, 9, 10, created 2026-12-02T00:00:00Z)\n") in text
+    assert "- seeds per setting (planned): 10\n" in text
+    assert "runs (trial × seed): 20 (0 failed)" in text  # same trial ids in both sweeps, kept apart
+
+
+@pytest.mark.parametrize("case, message", [
+    ("same_seed", "both ran seed 5 of d_coef=0; pooled sweeps need distinct seeds (run the later one with --set seed=N)"),
+    ("other_lr", 'their settings differ in base_config.lr (0.001 vs 0.003)'),
+    ("other_tasks", "their tasks differ"),
+    ("no_out", "pooling 2 sweeps: give --out DIR for the pooled report"),
+])
+def test_pooling_refuses_sweeps_that_are_not_more_seeds_of_one_setting(tmp_path, capsys, case, message):
+    first = seeds_sweep(tmp_path / "first", range(1, 6), base_config={**BASE_CONFIG, "lr": 0.001})
+    later = {"same_seed": dict(seeds=range(5, 10), lr=0.001), "other_lr": dict(seeds=range(6, 11), lr=0.003),
+             "other_tasks": dict(seeds=range(6, 11), lr=0.001), "no_out": dict(seeds=range(6, 11), lr=0.001)}[case]
+    second = seeds_sweep(tmp_path / "second", later["seeds"], base_config={**BASE_CONFIG, "lr": later["lr"]})
+    if case == "other_tasks":
+        meta = json.loads((second / "sweep.json").read_text())
+        (second / "sweep.json").write_text(json.dumps({**meta, "tasks": list(reversed(TASKS))}))
+    out = [] if case == "no_out" else ["--out", str(tmp_path / "pooled")]
+    assert main([str(first), str(second), *out]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and message in captured.err, captured.err
+    assert not (tmp_path / "pooled").exists()  # refused before anything was written

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,44 @@ def test_population_benchmark_ratios_are_its_own_measurements():
     bad = subprocess.run([sys.executable, script, "--threads", "0"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=REPO)
     assert bad.returncode == 2 and "--threads must be >= 1, got 0" in bad.stderr
+
+
+def test_population_cost_model_fits_and_bounds_its_own_timings():
+    """One tiny --cost-model run: the fitted lines are the least-squares lines through the timings it
+    printed, and each ceiling is the separate update time over the population's per-sample cost
+    times B, all from that run; one batch size is refused before anything is timed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = str(REPO / "benchmarks" / "population.py")
+    result = subprocess.run([sys.executable, script, "--cost-model", "--batches", "4,32", "--members", "1,2",
+                             "--updates", "2"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = _last_json(result.stdout)
+    assert data["benchmark"] == "population-cost-model" and data["threads"] == 1
+    assert set(data["separate_ms"]) == {"4", "32"}
+    assert set(data["population_ms"]) == {"K=1,B=4", "K=2,B=4", "K=1,B=32", "K=2,B=32"}
+    slope, intercept = np.polyfit([4, 32], [data["separate_ms"]["4"], data["separate_ms"]["32"]], 1)
+    assert data["separate_fit"]["fixed_ms"] == pytest.approx(intercept, abs=0.02)
+    assert data["separate_fit"]["per_sample_us"] == pytest.approx(1e3 * slope, abs=0.5)
+    kb = [int(k[2:].split(",")[0]) * int(k.split("B=")[1]) for k in data["population_ms"]]
+    slope, intercept = np.polyfit(kb, list(data["population_ms"].values()), 1)
+    assert data["population_fit"]["fixed_ms"] == pytest.approx(intercept, abs=0.05)
+    assert data["population_fit"]["per_sample_us"] == pytest.approx(1e3 * slope, abs=0.5)
+    per_sample = data["population_fit"]["per_sample_us"]
+    for b in ("4", "32"):
+        ceiling = data["ceiling_ratio_at_batch"][b]
+        if per_sample > 0:
+            assert ceiling == pytest.approx(1e3 * data["separate_ms"][b] / (per_sample * int(b)), rel=0.02)
+        else:
+            assert ceiling is None
+        floor = data["matmul_floor"]
+        assert floor["per_sample_us"] == pytest.approx(1e-3 * floor["flops_per_sample"] / floor["gemm_gflops"], rel=0.01)
+        assert data["ceiling_ratio_at_matmul_floor"][b] == pytest.approx(
+            1e3 * data["separate_ms"][b] / (floor["per_sample_us"] * int(b)), rel=0.02)
+    # the quick student's update: ~1.66 MFLOP of matmuls per sample (FlopCounterMode of the reference update)
+    assert 1.0e6 < data["matmul_floor"]["flops_per_sample"] < 2.5e6
+    bad = subprocess.run([sys.executable, script, "--cost-model", "--batches", "64"], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=REPO)
+    assert bad.returncode == 2 and "--cost-model needs two or more batch sizes" in bad.stderr
 
 
 def test_member_eval_benchmark_compares_its_own_two_timings_of_the_same_returns():

@@ -117,8 +117,8 @@ def pool_results(parts: Sequence[SweepResults], names: Sequence[str] | None = No
     evals = pd.concat(frames, ignore_index=True)
     evals.insert(2, RUN_COLUMN, run_ids(evals))
     meta = dict(first.meta)
-    meta["pooled"] = [{"directory": name, "created": part.meta.get("created"), "seeds": sorted(_seed_values(part))}
-                      for part, name in zip(parts, names)]
+    meta["pooled"] = [{"directory": name, "created": part.meta.get("created"), "seeds": sorted(_seed_values(part)),
+                       "teacher": part.meta.get("teacher")} for part, name in zip(parts, names)]
     for key in ("seeds", "trials"):
         values = [part.meta.get(key) for part in parts]
         if all(isinstance(v, int) for v in values):

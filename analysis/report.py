@@ -139,6 +139,16 @@ def _write_report(results: SweepResults, formats: tuple[str, ...], out: Path) ->
     return out / "report.md"
 
 
+def _pooled_part(part: dict, teacher: object) -> str:
+    """One pooled sweep in the facts: where, its seeds, when, and its teachers where they are not
+    the ones the report's teacher line names (teacher files are not compared by content)."""
+    seeds = ", ".join(format_value(seed) for seed in part["seeds"]) or "none"
+    created = f", created {part['created']}" if part.get("created") else ""
+    other = part.get("teacher") not in (None, teacher)
+    teachers = f", teacher {json.dumps(part['teacher'], sort_keys=True)}" if other else ""
+    return f"{part['directory']} (seeds {seeds}{created}{teachers})"
+
+
 def report_title(results: SweepResults) -> str:
     pooled = results.meta.get("pooled")
     suffix = f" ({len(pooled)} sweeps pooled)" if pooled else ""
@@ -182,9 +192,7 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
         facts.append("teacher: " + ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
                                              for k, v in sorted(meta["teacher"].items())))
     if meta.get("pooled"):
-        facts.append("pooled from: " + "; ".join(
-            f"{part['directory']} (seeds {', '.join(format_value(seed) for seed in part['seeds']) or 'none'}"
-            f"{', created ' + part['created'] if part.get('created') else ''})" for part in meta["pooled"]))
+        facts.append("pooled from: " + "; ".join(_pooled_part(part, meta.get("teacher")) for part in meta["pooled"]))
     elif meta.get("created"):
         facts.append(f"sweep created: {meta['created']}")
     if not meta:

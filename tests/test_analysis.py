@@ -918,6 +918,11 @@ def test_pooled_sweeps_report_as_one_sweep_of_all_their_seeds(tmp_path):
             f"{second} (seeds 6, 7, 8, 9, 10, created 2026-12-02T00:00:00Z)\n") in text
     assert "- seeds per setting (planned): 10\n" in text
     assert "runs (trial × seed): 20 (0 failed)" in text  # same trial ids in both sweeps, kept apart
+    moved = build_report([first, seeds_sweep(tmp_path / "elsewhere", range(6, 11), teacher={"default": "large",
+                                                                                       "paths": {"large": "/b/t.pt"}})],
+                         formats=("md",), out_dir=tmp_path / "moved").read_text(encoding="utf-8")
+    assert f'{tmp_path / "elsewhere"} (seeds 6, 7, 8, 9, 10, teacher {{"default": "large", "paths": {{"large": "/b/t.pt"}}}})' in moved
+    assert f"{first} (seeds 1, 2, 3, 4, 5, created 2026-12-01T00:00:00Z)" in moved  # no teacher in its sweep.json
 
 
 @pytest.mark.parametrize("case, message", [

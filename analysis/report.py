@@ -199,14 +199,17 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
         facts.append("sweep.json was not found: swept keys were inferred from the trial configs")
     endpoint = endpoint_name(endpoints)
     paired = paired_table(endpoints, results.setting_columns, reference)
-    summary = headline(paired, reference, endpoint)
+    between = versus_reference_values(endpoints, results.setting_columns, reference)
+    # a grid over teacher size, target or batch size is about its own key: those comparisons lead
+    lead = [comparison(row) for rows in between.values() for row in rows.to_dict("records")]
+    summary = " ".join(lead + [headline(paired, reference, endpoint) or ""]).strip()
     blocks = [("h1", report_title(results))]
     blocks += [("h2", "Headline"), ("p", summary)] if summary else []
     blocks += [("ul", facts)]
     blocks += learning_blocks(results.evals, endpoints, results.setting_columns, reference, endpoint)
     blocks += paired_blocks(paired, endpoints, results.setting_columns, endpoint)
     blocks += per_task_blocks(task_rows, endpoint)
-    blocks += between_values_blocks(endpoints, results.setting_columns, reference, endpoint)
+    blocks += between_values_blocks(between, reference, endpoint)
     blocks += [("h2", "How to read the tables"), ("ul", [
         "score: normalized score (mean over tasks of return / 10), averaged over seeds, of each run's "
         "last train-phase evaluation; in the quantization table, of the final evaluation at that precision.",
@@ -331,20 +334,25 @@ def _per_task_text(task_rows, fmt: str) -> str:
     return markdown(*_per_task_display(task_rows))
 
 
-def between_values_blocks(endpoints, setting_columns: list[str], reference: dict[str, object],
-                          endpoint: str) -> list[tuple]:
-    """For each swept key but d_coef (teacher size, target, batch size...): every distilled setting
-    minus the same setting at the key's reference value, paired by seed (`versus_reference_value`);
-    nothing when no setting has such a partner."""
-    blocks = []
+def versus_reference_values(endpoints, setting_columns: list[str], reference: dict[str, object]) -> dict:
+    """{column: `versus_reference_value` rows} for each swept key but d_coef (teacher size, target,
+    batch size...) that has a distilled setting with a partner at the key's reference value."""
+    compared = {}
     for column in setting_columns:
-        key = column.removeprefix(CONFIG_PREFIX)
-        if key == SCRATCH_KEY:
+        if column.removeprefix(CONFIG_PREFIX) == SCRATCH_KEY:
             continue
         rows = versus_reference_value(endpoints, setting_columns, reference, column)
-        if rows.empty:
-            continue
-        held = format_value(reference[column])
+        if not rows.empty:
+            compared[column] = rows
+    return compared
+
+
+def between_values_blocks(between: dict, reference: dict[str, object], endpoint: str) -> list[tuple]:
+    """For each key of `versus_reference_values`: every distilled setting minus the same setting
+    at the key's reference value, paired by seed."""
+    blocks = []
+    for column, rows in between.items():
+        key, held = column.removeprefix(CONFIG_PREFIX), format_value(reference[column])
         intro = (f"Each distilled setting's {endpoint} score minus that of the same setting at {key}={held} "
                  f"(the value the other tables hold it at), seed by seed over the seeds both ran; 95% "
                  f"percentile-bootstrap CI of the mean difference ({N_RESAMPLES} resamples, fixed seed).")

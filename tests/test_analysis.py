@@ -522,7 +522,9 @@ def test_fewer_than_two_pairs_or_no_scratch_is_said_in_words(d_coef_report, tmp_
     report = build_report(write_sweep(tmp_path / "sweep", rows, swept=("teacher_size",)), formats=("md",))
     text = report.read_text(encoding="utf-8")
     assert "- This sweep has no scratch setting (d_coef = 0): no setting is compared with scratch." in text
-    assert "## Headline" not in text
+    # no d_coef sentence without scratch: the headline is the sweep's own comparison, small vs large
+    assert ("## Headline\n\nteacher_size=small vs teacher_size=large: +0.00 [0.00, 0.00] on 2 paired seeds; "
+            "the 95% CI includes 0: no detectable difference.\n") in text
 
 
 def test_scratch_is_shared_across_teacher_size_but_not_across_batch_size(tmp_path):
@@ -575,6 +577,12 @@ def test_teacher_sizes_and_batch_sizes_are_compared_with_the_reference_value_see
             f"{np.mean(list(batch_shift.values())):+.2f} {batch_ci} on 5 paired seeds; the 95% CI includes 0: "
             "no detectable difference.") in text
     assert "## d_coef: against" not in text  # d_coef is compared with scratch, above
+    # the sweep is about teacher size and batch size: their comparisons open the headline, then d_coef's
+    headline_text = text.split("## Headline\n\n")[1].split("\n")[0]
+    assert headline_text.startswith(f"teacher_size=small vs teacher_size=large (d_coef=0.45, batch_size=256): -2.03 "
+                                    f"{small_ci} on 5 paired seeds; the 95% CI excludes 0: teacher_size=small scores "
+                                    "lower. batch_size=1024 vs batch_size=256 (d_coef=0.45, teacher_size=large): ")
+    assert "has the highest mean final fp32 score of the" in headline_text
 
 
 UNTRAINED = dict(zip(SEEDS, (6.0, 5.0, 7.0, 6.5, 5.5)))  # each seed's student before any update

@@ -17,8 +17,9 @@ from tests.helpers import small_model
 H, B = 3, 16
 
 
-def _batches(steps: int, members: int, seed: int, num_tasks: int, teacher: bool, dtype=torch.float32):
-    """steps x members batches: obs (H+1, B, 24), action (H, B, 6), reward (H, B, 1), task (B,)."""
+def _batches(steps: int, members: int, seed: int, num_tasks: int, teacher: bool, dtype=torch.float32,
+             obs_dim: int = 24, batch: int = B):
+    """steps x members batches: obs (H+1, B, obs_dim), action (H, B, 6), reward (H, B, 1), task (B,)."""
     g = torch.Generator().manual_seed(seed)
     torch_rand, torch_randn = torch.rand, torch.randn
 
@@ -32,9 +33,10 @@ def _batches(steps: int, members: int, seed: int, num_tasks: int, teacher: bool,
     for _ in range(steps):
         row = []
         for _ in range(members):
-            cached = TeacherTargets(reward=rand(H, B, 1, generator=g)) if teacher else None
-            row.append(TrainBatch(randn(H + 1, B, 24, generator=g), rand(H, B, 6, generator=g) * 2 - 1,
-                                  rand(H, B, 1, generator=g), torch.randint(0, num_tasks, (B,), generator=g), cached))
+            cached = TeacherTargets(reward=rand(H, batch, 1, generator=g)) if teacher else None
+            row.append(TrainBatch(randn(H + 1, batch, obs_dim, generator=g), rand(H, batch, 6, generator=g) * 2 - 1,
+                                  rand(H, batch, 1, generator=g), torch.randint(0, num_tasks, (batch,), generator=g),
+                                  cached))
         out.append(row)
     return out
 
@@ -73,6 +75,40 @@ def test_population_members_equal_separately_trained_students(d_coef, num_q, mon
             if key in pop_metrics[-1][k]:
                 assert pop_metrics[-1][k][key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-10), key
         assert pop_metrics[-1][k]["step"] == steps
+
+
+def test_the_paper_presets_1m_student_trains_as_a_population():
+    """The population executor serves the paper's student (the official 1M size on MT30: 39-dim
+    observations, 30 task embeddings of 96): two members distilled from cached teacher rewards land
+    where two separate Trainers take them (float64, the reference ops)."""
+    from agent.config import MT30_OBS_DIM, model_config
+    from agent.world_model import WorldModel
+
+    dtype, steps, batch = torch.float64, 2, 8
+    cfg = TrainConfig(batch_size=batch, fast_kernels=False, distill=DistillConfig(target="reward", d_coef=0.45))
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        # no Q dropout: its masks come from the global generator, drawn in another order by the population
+        models.append(WorldModel(model_config(1, dropout=0.0)).to(dtype))
+    # the official '1M' preset counts 1.43M parameters on MT30 (its 30 x 96 task embedding included)
+    assert 1.4e6 < models[0].num_parameters() < 1.45e6 and models[0].cfg.obs_dim == MT30_OBS_DIM
+    batches = _batches(steps, 2, seed=11, num_tasks=30, teacher=True, dtype=dtype, obs_dim=MT30_OBS_DIM, batch=batch)
+    g = torch.Generator().manual_seed(12)
+    eps = [(torch.randn(2, H, batch, 6, generator=g, dtype=dtype), torch.randn(2, H + 1, batch, 6, generator=g, dtype=dtype))
+           for _ in range(steps)]
+    population = Population(models, cfg, seeds=[1, 2], cached_teacher=True)
+    for t in range(steps):
+        population.update(batches[t], *eps[t])
+    for k, model in enumerate(models):
+        initial = {name: value.clone() for name, value in model.state_dict().items()}
+        separate = Trainer(model, cfg, cached_teacher=True)
+        for t in range(steps):
+            separate.update(batches[t][k], eps[t][0][k], eps[t][1][k])
+        member = population.member_state_dict(k)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(member[name], value, rtol=1e-9, atol=1e-10, msg=f"member {k}: {name}")
+        assert max(float((member[n] - initial[n]).abs().max()) for n in initial) > 1e-4  # the updates moved it
 
 
 def test_members_differ_and_a_saved_population_resumes_exactly(tmp_path):

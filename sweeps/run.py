@@ -137,9 +137,12 @@ def validate_args(args: argparse.Namespace) -> tuple[TrialConfig, dict[str, Any]
         task_spec(task)
     if args.wandb is not None:
         check_wandb(args.wandb)
-    check_out(args.out if args.out is not None else _default_out(args))
+    out = args.out if args.out is not None else _default_out(args)
+    check_out(out)
     if args.resume:
-        check_resume(args, base, args.out if args.out is not None else _default_out(args))
+        check_resume(args, base, out)
+    else:
+        check_no_earlier_sweep(out)
     preflight(args, base, overrides)
     return base, overrides
 
@@ -259,6 +262,30 @@ def check_resume(args: argparse.Namespace, base: TrialConfig, out: str) -> None:
     if difference is not None:
         raise UsageError(f"--resume at {shown}: {difference}; resume with the sweep's own arguments, or start a "
                          "new sweep in another --out")
+
+
+def check_no_earlier_sweep(out: str) -> None:
+    """A new sweep (no --resume) needs an OUT without an earlier sweep's results or Tune state: it
+    would replace that sweep's sweep.json and mix its rows into the new report."""
+    from sweeps.results import RESULTS_FILE
+
+    shown = storage.display(out) if storage.is_remote(out) else out
+    if storage.is_remote(out):
+        data = storage.read_bytes(storage.join(out, RESULTS_FILE))
+        text = data.decode(errors="replace") if data is not None else ""
+    else:
+        path = Path(out) / RESULTS_FILE
+        text = path.read_text(errors="replace") if path.is_file() else ""
+    rows = sum(1 for line in text.splitlines() if line.strip())
+    state = _restorable(out)
+    if not rows and not state:
+        return
+    counted = f"{rows} result row{'s' if rows != 1 else ''}" if rows else ""
+    held = " and ".join(part for part in (counted, "Tune state" if state else "") if part)
+    resume = "--resume continues it (with its own arguments); " if state else ""
+    raise UsageError(f"--out {shown} already holds a sweep ({held}): {resume}start a new sweep in another --out "
+                     "(more seeds: run them into a new --out and pool both with python analysis/report.py OUT1 OUT2 "
+                     "--out DIR)")
 
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")  # pyarrow file systems Tune's storage can use (sweeps/storage.py)

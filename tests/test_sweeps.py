@@ -464,12 +464,13 @@ def test_sweep_tuner_uses_the_table_and_names_and_forces_no_experiment_snapshots
 
     from sweeps.tune_adapter import StreamRows, TrialNamer
 
-    for extra in ([], ["--search", "optuna"], ["--grid", "paper"]):
-        args = sweeps_run.build_parser().parse_args(["--preset", "smoke", "--out", str(tmp_path / "out"), *extra])
+    for i, extra in enumerate(([], ["--search", "optuna"], ["--grid", "paper"])):
+        out = tmp_path / f"out{i}"  # each a new sweep: an OUT holding Tune state is refused without --resume
+        args = sweeps_run.build_parser().parse_args(["--preset", "smoke", "--out", str(out), *extra])
         base, overrides = sweeps_run.validate_args(args)
         configs = sweeps_run.trial_configs(args, base, {"large": "t.pt", "small": "s.pt"}, "large", overrides)
         tuner = sweeps_run._new_tuner(args, tune.with_resources(lambda config: None, {"cpu": 1}), configs, base,
-                                      str(tmp_path / "out" / "ray"), tmp_path / "out")
+                                      str(out / "ray"), out)
         run_config, tune_config = tuner._local_tuner._run_config, tuner._local_tuner._tune_config
         assert isinstance(run_config.progress_reporter, CLIReporter)
         assert isinstance(tune_config.trial_name_creator, TrialNamer)
@@ -624,6 +625,29 @@ def test_resume_with_the_sweeps_own_arguments_passes_the_checks(sweeps_run, tmp_
     assert tune.Tuner.can_restore(str(out / "ray" / "sweep"))  # what the check looks for is what Tune restores from
     args = sweeps_run.build_parser().parse_args(["--out", str(out), "--resume", *own])
     sweeps_run.validate_args(args)
+
+
+def test_a_new_sweep_into_an_earlier_sweeps_out_is_refused_and_leaves_it_as_it_was(sweeps_run, capsys, tmp_path):
+    """Without --resume, an OUT that holds result rows or Tune state is refused before anything
+    is written (a new sweep would replace its sweep.json and mix its rows into the report); an OUT
+    where a sweep was started but wrote neither is a fresh start."""
+    done = tmp_path / "done"
+    _recorded_sweep(sweeps_run, done, "--preset", "smoke")
+    (done / "results.jsonl").write_text('{"trial_id": "t"}\n\n{"trial_id": "u"}\n')
+    before = {p: p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    line = _refusal(sweeps_run, capsys, tmp_path, "--out", str(done), "--set", "seed=6")
+    assert line == (f"error: --out {done} already holds a sweep (2 result rows and Tune state): --resume continues it "
+                    "(with its own arguments); start a new sweep in another --out (more seeds: run them into a new "
+                    "--out and pool both with python analysis/report.py OUT1 OUT2 --out DIR)")
+    assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
+    rows_only = tmp_path / "rows-only"  # Tune state gone, rows kept: nothing to resume, still not overwritten
+    rows_only.mkdir()
+    (rows_only / "results.jsonl").write_text('{"trial_id": "t"}\n')
+    line = _refusal(sweeps_run, capsys, tmp_path, "--out", str(rows_only))
+    assert "already holds a sweep (1 result row): start a new sweep in another --out" in line
+    started = tmp_path / "started"  # sweep.json written, no row, no Tune state
+    _recorded_sweep(sweeps_run, started, "--preset", "smoke", restorable=False)
+    sweeps_run.validate_args(sweeps_run.build_parser().parse_args(["--preset", "smoke", "--out", str(started)]))
 
 
 # -- issue 17 item 9: grids the user writes, and crossed grids
@@ -801,6 +825,11 @@ def test_remote_out_is_staged_outside_the_checkout_mirrored_to_the_store_and_che
             "error: --resume: nothing to resume at s3://sweeps/d_coef (no Tune experiment state in it); drop --resume "
             "to start the sweep there")
 
+        # the sweep as started here (checked while the store holds none of its rows)
+        own = ["--preset", "smoke", "--grid", "d_coef"]
+        parsed = sweeps_run.build_parser().parse_args(["--out", in_uri, *own])
+        base, _ = sweeps_run.validate_args(parsed)
+
         # rows: the first report is uploaded at once, later ones at most every few seconds and at the end
         stream = StreamRows(tmp_path / "another-machine", remote=in_uri)  # the staging copy is recomputed here
         stream.on_trial_result(0, [], None, {"row_json": json.dumps([_member_row(1, 10), _member_row(2, 10)])})
@@ -816,9 +845,6 @@ def test_remote_out_is_staged_outside_the_checkout_mirrored_to_the_store_and_che
         assert (restored.remote, restored.stream, restored.mirror) == (in_uri, None, None)
 
         # sweep.json in the store: --resume is checked against it (the staging copy is not consulted)
-        own = ["--preset", "smoke", "--grid", "d_coef"]
-        parsed = sweeps_run.build_parser().parse_args(["--out", in_uri, *own])
-        base, _ = sweeps_run.validate_args(parsed)
         write_sweep_meta(staging, {**sweeps_run.sweep_identity(parsed, base), "created": "then"})
         storage.upload_results(staging, in_uri, report=False)
         s3.put("sweeps", "d_coef/ray/sweep/" + sweeps_run.TUNER_STATE, b"")
@@ -826,6 +852,9 @@ def test_remote_out_is_staged_outside_the_checkout_mirrored_to_the_store_and_che
         assert "--resume at s3://sweeps/d_coef: --seeds 2 here, --seeds 1 in the sweep being resumed" in \
             _refusal(sweeps_run, capsys, tmp_path, "--out", out, "--resume", *own, "--seeds", "2")
         sweeps_run.validate_args(sweeps_run.build_parser().parse_args(["--out", out, "--resume", *own]))
+        # a new sweep (no --resume) into that OUT is refused: the store holds its rows and Tune state
+        assert "already holds a sweep (3 result rows and Tune state): --resume continues it" in \
+            _refusal(sweeps_run, capsys, tmp_path, "--out", out, *own)
 
         # the sweep's Tuner streams rows to the store; a restored one is pointed at this command's --out
         from ray import tune

@@ -157,21 +157,21 @@ def _seed_values(part: SweepResults) -> set:
 
 def _check_distinct_seeds(parts: Sequence[SweepResults], names: Sequence[str]) -> None:
     """No (setting, seed) in two sweeps: pooled seeds must be independent runs."""
-    owner: dict[tuple, str] = {}
+    owner: dict[tuple, int] = {}
     seed_column = CONFIG_PREFIX + SEED_KEY
-    for part, name in zip(parts, names):
+    for index, (part, name) in enumerate(zip(parts, names)):
         if seed_column not in part.evals.columns:
             raise ResultsError(f"cannot pool {name}: its rows carry no config.seed")
         columns = part.setting_columns + [seed_column]
         for values in part.evals[columns].drop_duplicates().itertuples(index=False):
             key = tuple(json.dumps(v, sort_keys=True, default=str) for v in values)
-            if key in owner and owner[key] != name:
+            if key in owner and owner[key] != index:
                 setting = ", ".join(f"{c[len(CONFIG_PREFIX):]}={format_value(v)}"
                                     for c, v in zip(part.setting_columns, values)) or "the only setting"
-                raise ResultsError(f"cannot pool {name} with {owner[key]}: both ran seed "
+                raise ResultsError(f"cannot pool {name} with {names[owner[key]]}: both ran seed "
                                    f"{format_value(values[-1])} of {setting}; pooled sweeps need distinct seeds "
                                    "(run the later one with --set seed=N)")
-            owner[key] = name
+            owner[key] = index
 
 
 def is_uri(results_dir: str | Path) -> bool:

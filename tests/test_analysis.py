@@ -938,12 +938,15 @@ def test_pooled_sweeps_report_as_one_sweep_of_all_their_seeds(tmp_path):
     ("other_lr", 'their settings differ in base_config.lr (0.001 vs 0.003)'),
     ("other_tasks", "their tasks differ"),
     ("no_out", "pooling 2 sweeps: give --out DIR for the pooled report"),
+    ("itself", "both ran seed 1 of d_coef=0; pooled sweeps need distinct seeds"),
 ])
 def test_pooling_refuses_sweeps_that_are_not_more_seeds_of_one_setting(tmp_path, capsys, case, message):
     first = seeds_sweep(tmp_path / "first", range(1, 6), base_config={**BASE_CONFIG, "lr": 0.001})
     later = {"same_seed": dict(seeds=range(5, 10), lr=0.001), "other_lr": dict(seeds=range(6, 11), lr=0.003),
-             "other_tasks": dict(seeds=range(6, 11), lr=0.001), "no_out": dict(seeds=range(6, 11), lr=0.001)}[case]
-    second = seeds_sweep(tmp_path / "second", later["seeds"], base_config={**BASE_CONFIG, "lr": later["lr"]})
+             "other_tasks": dict(seeds=range(6, 11), lr=0.001), "no_out": dict(seeds=range(6, 11), lr=0.001),
+             "itself": None}[case]
+    second = first if case == "itself" else seeds_sweep(tmp_path / "second", later["seeds"],
+                                                         base_config={**BASE_CONFIG, "lr": later["lr"]})
     if case == "other_tasks":
         meta = json.loads((second / "sweep.json").read_text())
         (second / "sweep.json").write_text(json.dumps({**meta, "tasks": list(reversed(TASKS))}))

@@ -158,7 +158,7 @@ def matmul_floor_s_per_sample(store: Path, teacher: Path, repeats: int = 20) -> 
     with FlopCounterMode(display=False) as counter:
         trainer.train(1)
     flops_per_sample = counter.get_total_flops() / BATCH
-    # the student's hidden-layer GEMM, horizon x batch rows (its other layers' shapes run no faster)
+    # the student's hidden-layer GEMM over (horizon + 1) x batch rows (its other layers' shapes run no faster)
     width, rows = STUDENT["mlp_dim"], (4 * BATCH)
     a, w = torch.randn(rows, width), torch.randn(width, width)
     rate = 2 * rows * width * width / best_time(lambda: a @ w, repeats=repeats)
@@ -190,9 +190,9 @@ def cost_model(store: Path, teacher: Path, batches: Sequence[int], members: Sequ
         "population_fit": {"fixed_ms": round(1e3 * p_fixed, 2), "per_sample_us": round(1e6 * p_per, 2)},
         "matmul_floor": {"flops_per_sample": round(flops), "gemm_gflops": round(rate / 1e9, 1),
                          "per_sample_us": round(1e6 * floor, 2)},
-        # at the quick preset's batch: separate seconds per student-update over the population's
-        # least possible seconds per student-update (fixed cost fully amortized)
-        # (None where the fit's per-sample cost is not positive: timings too noisy to bound anything)
+        # per batch size: separate seconds per student-update over the population's least possible
+        # seconds per student-update (fixed cost fully amortized); None where the fitted per-sample
+        # cost is not positive (timings too noisy to bound anything)
         "ceiling_ratio_at_batch": {str(b): round(single[b] / (p_per * b), 2) if p_per > 0 else None for b in batches},
         "ceiling_ratio_at_matmul_floor": {str(b): round(single[b] / (floor * b), 2) for b in batches},
     }

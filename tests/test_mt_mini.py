@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -98,9 +97,7 @@ def test_tiny_build_completes_and_resumes_without_repeating_work(tiny_build: Pat
     before = {p.name: p.read_text() for p in records}
 
     messages: list[str] = []
-    started = time.perf_counter()
     again = build(cfg, tiny_build, log=messages.append)
-    assert time.perf_counter() - started < 10
     assert {p.name: p.read_text() for p in records} == before  # no stage re-ran
     assert sum("skipping" in msg for msg in messages) == len(stage_names(cfg))
     assert again["teachers"] == m["teachers"]

@@ -164,6 +164,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 # torch.compile of the population update / the planner's value estimate (agent.compiled): auto =
 # on for CUDA, off for CPU; modes are torch.compile's (CUDA-graph modes on CUDA only)
 COMPILE_SETTINGS: tuple[str, ...] = ("auto", "on", "off")
+# learning-rate schedules of TrainConfig.lr_schedule (agent.train.lr_factor defines them)
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -224,6 +226,10 @@ class TrainConfig:
     batch_size: int = 256
     horizon: int = 3
     lr: float = 3e-4
+    # constant (official), or cosine: every group's lr x (1 + cos(pi * step / T)) / 2 at update
+    # `step`, reaching 0 at T = lr_schedule_steps updates (a sweep trial sets T to its `steps`)
+    lr_schedule: str = "constant"
+    lr_schedule_steps: int | None = None
     enc_lr_scale: float = 0.3
     pi_adam_eps: float = 1e-5
     grad_clip_norm: float = 20.0
@@ -245,6 +251,13 @@ class TrainConfig:
             raise ConfigError("train: lr, pi_adam_eps and grad_clip_norm must be > 0 and enc_lr_scale >= 0")
         if not 0 <= self.tau <= 1:
             raise ConfigError(f"train: tau must lie in [0, 1], got {self.tau}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule_steps is not None and (isinstance(self.lr_schedule_steps, bool) or
+                                                   not isinstance(self.lr_schedule_steps, int) or self.lr_schedule_steps < 1):
+            raise ConfigError(f"train: lr_schedule_steps must be an integer >= 1 or null, got {self.lr_schedule_steps!r}")
+        if self.lr_schedule != "constant" and self.lr_schedule_steps is None:
+            raise ConfigError(f"train: lr_schedule {self.lr_schedule!r} needs lr_schedule_steps (the updates it spans)")
         if self.compile not in COMPILE_SETTINGS:
             raise ConfigError(f"train: compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:

@@ -46,7 +46,7 @@ from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
 from agent.ops import fallback, member_kernels
 from agent.runtime import flushed_denormals, keep_freed_memory
 from agent.scale import RunningScale
-from agent.train import model_param_groups, policy_objective, policy_param_names
+from agent.train import model_param_groups, policy_objective, policy_param_names, set_scheduled_lr
 from agent.world_model import WorldModel
 
 POPULATION_FORMAT = "distill-sweeps/population"
@@ -301,6 +301,7 @@ class Population:
         eps_td = self._noise((H, B, A)) if eps_td is None else eps_td.to(self.device)
         eps_pi = self._noise((H + 1, B, A)) if eps_pi is None else eps_pi.to(self.device)
 
+        set_scheduled_lr((self.optim, self.pi_optim), self.cfg, self.step)
         self.base.train()
         self._renorm_task_emb(task)
         model_params = {n: self.params[n] for n in self.model_names}

@@ -15,12 +15,13 @@ both optimizers, RunningScale, distillation projection / PCA basis, step, and th
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -119,6 +120,7 @@ class Trainer:
             raise ConfigError(f"distillation target {self.target!r}: no live teacher and no cached teacher outputs in the batch")
         c, loss_cfg, model = self.cfg, self.cfg.loss, self.model
 
+        set_scheduled_lr((self.optim, self.pi_optim), c, self.step)
         model.train()
         self.optim.zero_grad(set_to_none=True)  # also drops gradients a previous policy loss left behind
         out = compute_losses(model, b, self.teacher, self.target, loss_cfg=loss_cfg, discount=self.discount,
@@ -253,6 +255,26 @@ def model_param_groups(named: dict[str, Any], cfg: TrainConfig) -> list[dict[str
             group["lr"] = cfg.lr * cfg.enc_lr_scale
         groups.append(group)
     return groups
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of every optimizer group's base lr for the update after `step` updates."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(step, cfg.lr_schedule_steps) / cfg.lr_schedule_steps
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_scheduled_lr(optimizers: Sequence[torch.optim.Optimizer], cfg: TrainConfig, step: int) -> None:
+    """Sets each group's lr to its base lr x lr_factor(cfg, step). The base is kept in the group
+    ("initial_lr", as torch's schedulers name it), so it travels with the optimizer's state_dict
+    and a resumed run continues the same schedule."""
+    if cfg.lr_schedule == "constant":
+        return
+    factor = lr_factor(cfg, step)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 def policy_param_names(named: dict[str, Any]) -> list[str]:

@@ -47,7 +47,8 @@ class TrialConfig:
     eval_planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig overrides for evaluation
     quant_modes: list[str] = field(default_factory=lambda: ["fp32", "fp16"])
     # any other agent.config.TrainConfig setting, nested as there (e.g. {"horizon": 5, "loss":
-    # {"rho": 0.7}}); `--set train.loss.rho=0.7` sets one entry. batch_size, lr, seed, d_coef and
+    # {"rho": 0.7}}); `--set train.loss.rho=0.7` sets one entry; `--set train.lr_schedule=cosine`
+    # decays lr to 0 over the trial's `steps`. batch_size, lr, seed, d_coef and
     # target are the trial's own fields above.
     train: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"              # auto: cuda when Ray gave the trial a GPU, else cpu
@@ -143,6 +144,8 @@ class TrialConfig:
                 values[key] = {**values[key], **value}
             else:
                 values[key] = value
+        if values.get("lr_schedule") != "constant" and values.get("lr_schedule_steps") is None:
+            values["lr_schedule_steps"] = self.steps  # a schedule spans the trial's updates unless set
         return TrainConfig.from_dict(values)  # ConfigError names the setting ("train: ...", "loss: ...")
 
     def with_overrides(self, overrides: dict[str, Any]) -> "TrialConfig":

@@ -41,8 +41,9 @@ def _batches(steps: int, members: int, seed: int, num_tasks: int, teacher: bool,
     return out
 
 
-@pytest.mark.parametrize("d_coef,num_q", [(0.0, 2), (0.45, 2), (0.45, 5)])
-def test_population_members_equal_separately_trained_students(d_coef, num_q, monkeypatch):
+@pytest.mark.parametrize("d_coef,num_q,lr_schedule", [(0.0, 2, "constant"), (0.45, 2, "constant"), (0.45, 5, "constant"),
+                                                     (0.45, 2, "cosine")])
+def test_population_members_equal_separately_trained_students(d_coef, num_q, lr_schedule, monkeypatch):
     # float64: Adam's first steps turn rounding-level gradient differences of ~1e-9 entries (below
     # its eps) into lr-sized parameter differences; in float64 both sides agree to ~1e-12
     members, steps, dtype = 3, 4, torch.float64
@@ -51,8 +52,10 @@ def test_population_members_equal_separately_trained_students(d_coef, num_q, mon
     # replaced torch.randperm would stay in dynamo's trace rules and break later compiled steps)
     monkeypatch.setattr(ops, "q_pair", lambda num_q, device=None, generator=None: torch.arange(2, device=device))
     models = [small_model(seed=s, num_q=num_q, dropout=0.0).to(dtype) for s in range(members)]
+    # cosine over 3 updates: the 4th runs at lr 0 (the schedule's end)
     cfg = TrainConfig(batch_size=B, fast_kernels=False, distill=DistillConfig(target="reward" if d_coef else None,
-                                                                             d_coef=d_coef))
+                                                                             d_coef=d_coef),
+                      lr_schedule=lr_schedule, lr_schedule_steps=3 if lr_schedule == "cosine" else None)
     num_tasks = len(models[0].cfg.tasks)
     batches = _batches(steps, members, seed=7, num_tasks=num_tasks, teacher=d_coef > 0, dtype=dtype)
     g = torch.Generator().manual_seed(3)

@@ -15,7 +15,7 @@ from agent.errors import ConfigError
 from agent.losses import loss_terms
 from agent.online import OnlineLoop
 from agent.tasksets import MT30
-from agent.train import Trainer, offline_trainer, read_trainer_model
+from agent.train import Trainer, lr_factor, offline_trainer, read_trainer_model
 from agent.world_model import WorldModel
 
 
@@ -117,13 +117,15 @@ def test_offline_updates_lower_the_loss(tmp_path):
 
 # -- resume ----------------------------------------------------------------------------------
 
-def _resume_setup(store, teacher, student_seed, source_seed):
+def _resume_setup(store, teacher, student_seed, source_seed, lr_schedule="constant"):
     student = _perturbed(_small(student_seed), 1)
-    cfg = TrainConfig(batch_size=16, seed=source_seed, distill=DistillConfig(target="latent_linear", d_coef=0.45))
+    cfg = TrainConfig(batch_size=16, seed=source_seed, distill=DistillConfig(target="latent_linear", d_coef=0.45),
+                      lr_schedule=lr_schedule, lr_schedule_steps=None if lr_schedule == "constant" else 8)
     return Trainer(student, cfg, StoreBatches(store, cfg.batch_size, cfg.horizon, seed=source_seed), teacher=teacher)
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, lr_schedule):
     store = _synthetic_store(tmp_path / "store", tasks=MT30[:3])
     teacher = _perturbed(_small(5, tasks=MT30, latent_dim=24, task_dim=12, num_q=3, mlp_dim=40), 2).eval()
     total, kill_at = 9, 4
@@ -133,17 +135,17 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
         random.seed(11)
 
     fresh_streams()
-    uninterrupted = _resume_setup(store, teacher, 0, 21)
+    uninterrupted = _resume_setup(store, teacher, 0, 21, lr_schedule)
     uninterrupted.train(total)
 
     fresh_streams()
-    first = _resume_setup(store, teacher, 0, 21)
+    first = _resume_setup(store, teacher, 0, 21, lr_schedule)
     first.train(kill_at)
     path = first.save(tmp_path / "run" / "trainer.pt")
     assert isinstance(read_checkpoint(path), dict)  # weights_only=True loads it
     del first
     torch.randn(1000), random.random(), np.random.rand(10)  # whatever happens in between
-    resumed = _resume_setup(store, teacher, 123, 456).load(path)  # other init, other sampler seed: all overwritten
+    resumed = _resume_setup(store, teacher, 123, 456, lr_schedule).load(path)  # other init, other sampler seed: all overwritten
     assert resumed.step == kill_at
     resumed.train(total - kill_at)
 
@@ -270,3 +272,26 @@ def test_store_task_ids_are_translated_to_the_model_task_list(tmp_path):
     assert torch.equal(mapped.task, torch.tensor([1, 0])[raw.task]) and torch.equal(mapped.obs, raw.obs)
     with pytest.raises(ConfigError, match="not in the model's task set"):
         StoreBatches(store, 8, 3, model_tasks=["cup-catch"])
+
+
+def test_cosine_schedule_sets_every_groups_lr_from_its_own_base():
+    cfg = TrainConfig(lr=1e-3, lr_schedule="cosine", lr_schedule_steps=4)
+    assert [lr_factor(cfg, s) for s in range(6)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0, 0.0], abs=1e-6)
+    assert lr_factor(TrainConfig(), 10**6) == 1.0  # constant: the official setting
+    for bad, fragment in ((dict(lr_schedule="cosine"), "needs lr_schedule_steps"),
+                          (dict(lr_schedule="step"), "lr_schedule must be one of constant, cosine"),
+                          (dict(lr_schedule_steps=0), "lr_schedule_steps must be an integer >= 1")):
+        with pytest.raises(ConfigError, match=fragment):
+            TrainConfig(**bad).validate()
+    model = _small(0)
+    trainer = Trainer(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    tasks = len(model.cfg.tasks)
+    for step in range(3):
+        trainer.update((torch.randn(4, 16, model.cfg.obs_dim, generator=g), torch.rand(3, 16, model.cfg.action_dim, generator=g) * 2 - 1,
+                        torch.rand(3, 16, 1, generator=g), torch.randint(0, tasks, (16,), generator=g)))
+        # the update after `step + 1` updates will use factor(step + 1); the last one used factor(step)
+        lrs = [group["lr"] for group in trainer.optim.param_groups]
+        assert lrs[0] == pytest.approx(1e-3 * 0.3 * lr_factor(cfg, step))  # the encoder keeps its 0.3 scale
+        assert lrs[1:] == pytest.approx([1e-3 * lr_factor(cfg, step)] * (len(lrs) - 1))
+        assert trainer.pi_optim.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(cfg, step))

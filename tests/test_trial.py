@@ -262,7 +262,8 @@ def test_every_agent_training_setting_can_be_set_from_the_trial():
         with pytest.raises(ConfigError, match=fragment):
             preset_config("quick").with_overrides(bad).validate()
     listing = list_settings("quick")
-    assert "  train.loss.rho = 0.5" in listing and "  num_seeds = 5" in listing and "train.lr" not in listing
+    assert "  train.loss.rho = 0.5" in listing and "  num_seeds = 5" in listing and "  train.lr = " not in listing
+    assert '  train.lr_schedule = "constant"' in listing
 
 
 class Events:
@@ -305,6 +306,26 @@ def test_training_metrics_are_reported_every_log_every_updates_averaged_over_mem
     with_metrics = [r for e in events.events if e[0] == "rows" for r in e[2]]
     assert [(r["step"], r["config"]["seed"], r["score"]) for r in with_metrics] == \
         [(r["step"], r["config"]["seed"], r["score"]) for r in plain.rows]
+
+
+def test_a_cosine_lr_schedule_spans_the_trials_updates(smoke_inputs):
+    from agent.train import lr_factor
+
+    cfg = preset_config("quick").with_overrides({"train.lr_schedule": "cosine", "steps": 3000}).validate()
+    train = cfg.train_config()
+    assert (train.lr_schedule, train.lr_schedule_steps) == ("cosine", 3000)
+    pinned = preset_config("quick").with_overrides({"train.lr_schedule": "cosine", "train.lr_schedule_steps": 100})
+    assert pinned.validate().train_config().lr_schedule_steps == 100  # an explicit span is kept
+    with pytest.raises(ConfigError, match="lr_schedule must be one of constant, cosine, got 'linear'"):
+        preset_config("quick").with_overrides({"train.lr_schedule": "linear"}).validate()
+    # the logged lr (mean over updates log_every apart is the lr of the step's update) follows the cosine
+    events = Events()
+    run_trial(_config(smoke_inputs, num_seeds=2, log_every=5, **{"train.lr_schedule": "cosine"}), TrialContext("c1"),
+              events.rows, metrics=events.metrics)
+    logged = {e[1]: e[2]["lr"] for e in events.logged()}
+    schedule = _config(smoke_inputs, **{"train.lr_schedule": "cosine"}).train_config()
+    assert logged == {step: pytest.approx(schedule.lr * lr_factor(schedule, step - 1)) for step in (5, 10, 15, 20)}
+    assert logged[20] < 0.01 * schedule.lr < logged[5]
 
 
 def test_training_metrics_leave_out_a_diverged_member(smoke_inputs):

@@ -149,6 +149,43 @@ def _pooled_part(part: dict, teacher: object) -> str:
     return f"{part['directory']} (seeds {seeds}{created}{teachers})"
 
 
+def _episodes(n: object) -> str:
+    return f"{format_value(n)} episode{'' if format_value(n) == '1' else 's'} per task"
+
+
+def protocol_fact(base: dict, swept: Iterable[str]) -> str | None:
+    """The settings every trial of the sweep shares, from sweep.json's base_config (swept keys left
+    out, keys the sweep did not record skipped): student, budget, optimizer and evaluation, so that a
+    reader knows what the scores measure and can repeat them."""
+    base = {k: v for k, v in (base or {}).items() if k not in set(swept)}
+    training, evaluation = [], []
+    if base.get("student_size") is not None:
+        training.append(f"student of the official size {format_value(base['student_size'])}")
+    elif base.get("student_dims"):
+        training.append("student " + ", ".join(f"{k} {format_value(v)}" for k, v in sorted(base["student_dims"].items())))
+    budget = [text.format(format_value(base[key])) for key, text in
+              (("steps", "{} updates"), ("batch_size", "batch {}"), ("lr", "lr {}")) if key in base]
+    if budget:
+        training.append(", ".join(budget))
+    if base.get("train"):
+        training.append("train " + json.dumps(base["train"], sort_keys=True))
+    if "eval_every" in base:
+        during = _episodes(base["eval_episodes"]) if "eval_episodes" in base else "episodes unknown"
+        start = ", step 0 included" if base.get("eval_at_start") else ""
+        evaluation.append(f"every {format_value(base['eval_every'])} updates ({during}{start})")
+    final = base.get("final_eval_episodes")
+    if final is not None:
+        evaluation.append(f"final {_episodes(final)}")
+    if base.get("eval_max_steps") is not None:
+        evaluation.append(f"{format_value(base['eval_max_steps'])}-step episodes")
+    if "eval_planner" in base:
+        planner = json.dumps(base["eval_planner"], sort_keys=True) if base["eval_planner"] else "the official one"
+        evaluation.append(("planner " if base.get("eval_plan", True) else "no planning (policy prior); planner ") + planner)
+    parts = (["training: " + "; ".join(training)] if training else []) + \
+        (["evaluation: " + "; ".join(evaluation)] if evaluation else [])
+    return " | ".join(parts) or None
+
+
 def report_title(results: SweepResults) -> str:
     pooled = results.meta.get("pooled")
     suffix = f" ({len(pooled)} sweeps pooled)" if pooled else ""
@@ -188,6 +225,9 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     ]
     if "seeds" in meta:
         facts.append(f"seeds per setting (planned): {meta['seeds']}")
+    protocol = protocol_fact(meta.get("base_config") or {}, results.swept)
+    if protocol:
+        facts.append(protocol)
     if isinstance(meta.get("teacher"), dict):
         facts.append("teacher: " + ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
                                              for k, v in sorted(meta["teacher"].items())))

@@ -955,3 +955,27 @@ def test_pooling_refuses_sweeps_that_are_not_more_seeds_of_one_setting(tmp_path,
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and message in captured.err, captured.err
     assert not (tmp_path / "pooled").exists()  # refused before anything was written
+
+
+def test_the_facts_state_the_protocol_every_trial_shares(tmp_path):
+    """report.md names the student, budget, optimizer and evaluation from sweep.json's base_config;
+    the swept key's base value (d_coef here) is left out, as it is not what the trials ran."""
+    quick_like = {**BASE_CONFIG, "student_size": None, "lr": 0.003, "train": {"lr_schedule": "cosine"},
+                  "student_dims": {"mlp_dim": 64, "enc_dim": 64}, "eval_every": 1000, "eval_episodes": 1,
+                  "eval_at_start": True, "final_eval_episodes": 6, "eval_max_steps": 200, "eval_plan": True,
+                  "eval_planner": {"num_samples": 128, "iterations": 3}}
+    report = build_report(write_sweep(tmp_path / "sweep", d_coef_rows(), base_config=quick_like), formats=("md",))
+    facts = [line for line in report.read_text().splitlines() if line.startswith("- training: ")]
+    assert facts == ['- training: student enc_dim 64, mlp_dim 64; 1000 updates, batch 256, lr 0.003; '
+                     'train {"lr_schedule": "cosine"} | evaluation: every 1000 updates (1 episode per task, '
+                     'step 0 included); final 6 episodes per task; 200-step episodes; '
+                     'planner {"iterations": 3, "num_samples": 128}']
+    # a batch-size grid's base batch is not a fact of its trials; a paper-size student is named by size
+    paper = {"student_size": 1, "batch_size": 256, "steps": 200000, "eval_every": 50000, "eval_episodes": 10,
+             "eval_planner": {}}
+    from analysis.report import protocol_fact
+
+    assert protocol_fact(paper, ["batch_size"]) == ("training: student of the official size 1; 200000 updates | "
+                                                    "evaluation: every 50000 updates (10 episodes per task); "
+                                                    "planner the official one")
+    assert protocol_fact({}, []) is None  # a sweep without sweep.json states nothing it does not know

@@ -62,7 +62,11 @@ def learned(row: dict) -> str:
     """One sentence on a `paired.versus_start` row: the endpoint score against the same students
     untrained, paired by seed, and whether the 95% CI excludes 0."""
     label, pairs = row["label"], int(row["n_pairs"])
-    ratio = f" ({row['ratio']:.2f}x)" if math.isfinite(row["ratio"]) else ""
+    ratio = ""
+    if math.isfinite(row["ratio"]):
+        known = math.isfinite(row["ratio_ci_low"])
+        ratio = f" (ratio {row['ratio']:.2f}x" + (f", 95% CI [{row['ratio_ci_low']:.2f}, {row['ratio_ci_high']:.2f}])"
+                                                  if known else ")")
     head = f"{label}: {number(row['end'])} trained against {number(row['start'])} untrained{ratio}; "
     if pairs < 2:
         return head + f"{pairs} paired seed(s); a CI needs at least 2: no conclusion."

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import CONFIG_PREFIX, TASK_PREFIX
-from analysis.stats import PairedDifference, bootstrap_ci, paired_difference
+from analysis.stats import PairedDifference, bootstrap_ci, paired_difference, paired_ratio_ci
 from analysis.summary import group_by_setting, per_seed, setting_label
 from analysis.trials import failed_rows
 from analysis.values import same_value
@@ -108,7 +108,8 @@ def versus_reference_value(endpoints: pd.DataFrame, columns: list[str], referenc
                                           "n_pairs"])
 
 
-START_COLUMNS = ("label", "start", "end", "ratio", "delta", "delta_ci_low", "delta_ci_high", "n_pairs")
+START_COLUMNS = ("label", "start", "end", "ratio", "ratio_ci_low", "ratio_ci_high", "delta", "delta_ci_low",
+                 "delta_ci_high", "n_pairs")
 
 
 def start_rows(evals: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +124,7 @@ def versus_start(evals: pd.DataFrame, endpoints: pd.DataFrame, columns: list[str
     """Each setting's endpoint score against the same students untrained (`start_rows`), seed by
     seed: does training move the students at all? One row per setting of `columns` with step-0
     rows: the setting columns, then START_COLUMNS: label, start / end (mean over the paired seeds
-    of the untrained and the endpoint score), ratio (end / start), delta / delta_ci_low /
+    of the untrained and the endpoint score), ratio (end / start) and its `paired_ratio_ci`, delta / delta_ci_low /
     delta_ci_high / n_pairs (`paired_difference` of end minus start). Empty without step-0 rows."""
     starts = start_rows(evals)
     records = []
@@ -135,8 +136,10 @@ def versus_start(evals: pd.DataFrame, endpoints: pd.DataFrame, columns: list[str
         paired = paired_difference(end, start)
         both = end.index.intersection(start.index)
         end_mean, start_mean = float(end[both].mean()), float(start[both].mean())
+        ratio_low, ratio_high = paired_ratio_ci(end, start)
         records.append({**setting, "label": setting_label(columns, values, reference), "start": start_mean,
                         "end": end_mean, "ratio": end_mean / start_mean if start_mean > 0 else float("nan"),
+                        "ratio_ci_low": ratio_low, "ratio_ci_high": ratio_high,
                         "delta": paired.mean, "delta_ci_low": paired.ci_low, "delta_ci_high": paired.ci_high,
                         "n_pairs": paired.n_pairs})
     return pd.DataFrame(records, columns=[*columns, *START_COLUMNS])

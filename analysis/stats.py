@@ -79,6 +79,21 @@ def paired_difference(scores: pd.Series, baseline: pd.Series) -> PairedDifferenc
     return PairedDifference(mean, *bootstrap_ci(differences), n_pairs=int(differences.size))
 
 
+def paired_ratio_ci(scores: pd.Series, baseline: pd.Series) -> tuple[float, float]:
+    """Percentile-bootstrap CI of mean(scores) / mean(baseline) over the labels (seeds) with a
+    finite value in both, resampling pairs; (NaN, NaN) below 2 pairs or where a baseline value is
+    not positive (a resample's denominator could be 0)."""
+    both = pd.concat([scores.rename("a"), baseline.rename("b")], axis=1, join="inner").dropna()
+    if len(both) < 2 or not (both["b"] > 0).all():
+        return math.nan, math.nan
+    result = scipy.stats.bootstrap((both["a"].to_numpy(float), both["b"].to_numpy(float)),
+                                   lambda a, b, axis=-1: a.mean(axis=axis) / b.mean(axis=axis), paired=True,
+                                   n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE, method=BOOTSTRAP_METHOD,
+                                   vectorized=True, **{_RNG_ARG: np.random.default_rng(BOOTSTRAP_SEED)})
+    low, high = result.confidence_interval
+    return float(low), float(high)
+
+
 def iqm(values) -> float:
     """Interquartile mean: the mean of the middle 50% of all finite values (e.g. tasks × seeds)."""
     sample = _finite(values)

@@ -414,6 +414,28 @@ def percentile_ci(values) -> tuple[float, float]:
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def paired_ratio_percentile_ci(scores, baseline) -> tuple[float, float]:
+    """scipy's percentile bootstrap of mean(scores) / mean(baseline), resampling pairs, run directly
+    (one resample at a time): what the learning section's ratio CI must equal."""
+    result = scipy.stats.bootstrap((np.asarray(scores, float), np.asarray(baseline, float)),
+                                   lambda a, b: np.mean(a) / np.mean(b), paired=True, vectorized=False,
+                                   n_resamples=9999, confidence_level=0.95, method="percentile",
+                                   **{RNG_ARG: np.random.default_rng(0)})
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def test_ratio_ci_of_students_that_all_gain_the_same_factor_is_that_factor():
+    from analysis.stats import paired_ratio_ci
+
+    start = pd.Series({1: 5.0, 2: 6.0, 3: 7.5, 4: 4.0})
+    low, high = paired_ratio_ci(2.5 * start, start)
+    assert (low, high) == pytest.approx((2.5, 2.5))
+    assert all(math.isnan(x) for x in paired_ratio_ci(start, start.where(start > 4.5, 0.0)))  # a 0 baseline
+    assert all(math.isnan(x) for x in paired_ratio_ci(start.iloc[:1], start))  # one pair: no CI
+    # only the seeds both ran are paired
+    assert paired_ratio_ci(pd.Series({1: 10.0, 2: 12.0, 9: 1.0}), start) == pytest.approx((2.0, 2.0))
+
+
 def early_score(seed: int, final: float) -> float:
     """A member's step-500 score in `member_rows`: seed-dependent, so each step has its own CI."""
     return final - 3 + seed / 2
@@ -606,16 +628,21 @@ def test_learning_section_pairs_each_setting_with_its_own_untrained_students(tmp
     assert (scratch["start"], scratch["end"], scratch["n_pairs"]) == pytest.approx((6.0, 11.2, 5))
     assert scratch["ratio"] == pytest.approx(11.2 / 6.0) and scratch["delta"] == pytest.approx(np.mean(gains))
     assert (scratch["delta_ci_low"], scratch["delta_ci_high"]) == pytest.approx(percentile_ci(gains))
+    ratio_ci = paired_ratio_percentile_ci([SCRATCH[s] for s in SEEDS], [UNTRAINED[s] for s in SEEDS])
+    assert (scratch["ratio_ci_low"], scratch["ratio_ci_high"]) == pytest.approx(ratio_ci)
+    assert ratio_ci[0] < 11.2 / 6.0 < ratio_ci[1]
     text = build_report(sweep, formats=("md",)).read_text(encoding="utf-8")
     assert "## Learning: trained against untrained (paired by seed)" in text
     assert text.index("## Learning") < text.index("## Distillation vs scratch")
     assert "The step-0 evaluation has 2 episodes per task (the learning curve's), and its noise is in the CI." in text
-    assert ("- d_coef=0: 11.20 trained against 6.00 untrained (1.87x); difference +5.20 [{:.2f}, {:.2f}] on 5 paired "
-            "seeds; the 95% CI excludes 0: the students learn.").format(*percentile_ci(gains)) in text
-    assert ("- d_coef=0.9: {:.2f} trained against 6.00 untrained ({:.2f}x); difference {:+.2f} [{:.2f}, {:.2f}] on 5 "
-            "paired seeds; the 95% CI includes 0: no detectable learning.").format(
-        np.mean(list(flat.values())), np.mean(list(flat.values())) / 6.0, np.mean(list(NO_EFFECT.values())),
-        *percentile_ci(list(NO_EFFECT.values()))) in text
+    assert ("- d_coef=0: 11.20 trained against 6.00 untrained (ratio 1.87x, 95% CI [{:.2f}, {:.2f}]); difference "
+            "+5.20 [{:.2f}, {:.2f}] on 5 paired seeds; the 95% CI excludes 0: the students learn.").format(
+        *ratio_ci, *percentile_ci(gains)) in text
+    flat_ratio_ci = paired_ratio_percentile_ci([flat[s] for s in SEEDS], [UNTRAINED[s] for s in SEEDS])
+    assert ("- d_coef=0.9: {:.2f} trained against 6.00 untrained (ratio {:.2f}x, 95% CI [{:.2f}, {:.2f}]); difference "
+            "{:+.2f} [{:.2f}, {:.2f}] on 5 paired seeds; the 95% CI includes 0: no detectable learning.").format(
+        np.mean(list(flat.values())), np.mean(list(flat.values())) / 6.0, *flat_ratio_ci,
+        np.mean(list(NO_EFFECT.values())), *percentile_ci(list(NO_EFFECT.values()))) in text
     # a sweep without step-0 rows has no such section
     assert "## Learning: " not in build_report(write_sweep(tmp_path / "plain", population_rows()),
                                               formats=("md",)).read_text(encoding="utf-8")

@@ -15,6 +15,14 @@ torch thread; the population process runs `--threads` (default: every core, so b
 same machine). Ratios are population / separate measured in this run. The last output line is one
 JSON object.
 
+`--trials` times whole trials instead, as a sweep runs them (`sweeps.trial.run_trial`, the quick
+preset on the shipped MT-mini data and large teacher, `--trial-steps` updates, then the preset's
+final evaluation): K one-seed trials in K processes started together (one torch thread each)
+against one K-seed population trial in one process (`--threads`). Both sides are timed from the
+processes' start to the last one's end, so imports, data and teacher-target loading, sampling,
+training and evaluation all count; the teacher-target cache is built once beforehand, in a
+temporary $DISTILL_CACHE.
+
 `--cost-model` measures instead, in this process on one thread, what bounds that ratio: the update
 time of the single-student Trainer and of the eager population (K in `--members`) at each batch
 size B in `--batches`, fitted as
@@ -29,12 +37,14 @@ the student's layer shapes, both measured in this run; the ceiling if every non-
 
     python benchmarks/population.py [--members 1,5,10] [--updates 60] [--compile both|off|on] [--threads N]
     python benchmarks/population.py --cost-model [--batches 32,256] [--members 1,5] [--updates 20]
+    python benchmarks/population.py --trials [--members 5] [--trial-steps 300]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -198,6 +208,66 @@ def cost_model(store: Path, teacher: Path, batches: Sequence[int], members: Sequ
     }
 
 
+def _trial_worker(config: dict, threads: int, done) -> None:
+    """One trial as a sweep runs it; puts (its final fp32 scores, seconds from this process's
+    start of work) on `done`."""
+    os.environ["DISTILL_TRIAL_THREADS"] = str(threads)
+    from sweeps.config import TrialConfig
+    from sweeps.trial import TrialContext, run_trial
+
+    cfg = TrialConfig.from_dict(config)
+    rows: list[dict] = []
+    run_trial(cfg, TrialContext(f"bench-seed-{cfg.seed}-of-{cfg.num_seeds}"), lambda r, _checkpoint: rows.extend(r))
+    done.put([r["score"] for r in rows if r["phase"] == "final" and r["quant"] == "fp32"])
+
+
+def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float]]:
+    """Seconds from starting one process per config until the last has finished its trial, and
+    the final fp32 scores of all their members."""
+    ctx = mp.get_context("spawn")
+    done = ctx.Queue()
+    began = time.perf_counter()
+    procs = [ctx.Process(target=_trial_worker, args=(c, threads, done)) for c in configs]
+    for p in procs:
+        p.start()
+    scores = [s for _ in procs for s in done.get(timeout=3600)]
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"a benchmark trial process exited with {p.exitcode}")
+    return time.perf_counter() - began, scores
+
+
+def whole_trials(members: int, steps: int, threads: int, cache: Path) -> dict:
+    """K one-seed trials in K processes against one K-seed trial (see the module docstring)."""
+    os.environ["DISTILL_CACHE"] = str(cache)  # the MT-mini store copy and teacher-target cache go here
+    from agent.train import offline_inputs
+    from sweeps.config import preset_config
+    from sweeps.setup import resolve_inputs
+    from sweeps.trial import build_student, train_config
+
+    inputs = resolve_inputs("quick", [], None, None)
+    base = preset_config("quick").with_overrides({"data": inputs.data, "teacher": inputs.teachers["large"],
+                                                  "steps": steps, "eval_every": steps, "eval_at_start": False})
+    base.validate()
+    offline_inputs(build_student(base, _store_tasks(inputs.data)), inputs.data,
+                   train_config(base), base.teacher)  # builds the teacher-target cache once, untimed
+    separate_s, separate_scores = _run_trials(
+        [{**base.to_dict(), "seed": seed, "num_seeds": 1} for seed in range(1, members + 1)], 1)
+    population_s, population_scores = _run_trials([{**base.to_dict(), "seed": 1, "num_seeds": members}], threads)
+    return {"members": members, "steps": steps, "final_eval_episodes": base.final_eval_episodes,
+            "separate_s": round(separate_s, 1), "population_s": round(population_s, 1),
+            "ratio": round(separate_s / population_s, 2),
+            "separate_mean_score": round(float(np.mean(separate_scores)), 2),
+            "population_mean_score": round(float(np.mean(population_scores)), 2)}
+
+
+def _store_tasks(data: str) -> list[str]:
+    from agent.data import EpisodeStore
+
+    return list(EpisodeStore(data).manifest.tasks)
+
+
 def print_cost_model(result: dict) -> None:
     s, p, f = result["separate_fit"], result["population_fit"], result["matmul_floor"]
     print("one thread, ms per update:")
@@ -226,10 +296,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-model", action="store_true",
                         help="fit fixed and per-sample update costs on one thread instead (module docstring)")
     parser.add_argument("--batches", default=f"32,{BATCH}", help="batch sizes of --cost-model (comma-separated)")
+    parser.add_argument("--trials", action="store_true",
+                        help="time whole trials (train, evaluate) as a sweep runs them instead (module docstring)")
+    parser.add_argument("--trial-steps", type=int, default=300, help="updates per trial of --trials")
     args = parser.parse_args(argv)
+    if args.trial_steps < 1:
+        parser.error(f"--trial-steps must be >= 1, got {args.trial_steps}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     sizes = [int(k) for k in args.members.split(",")]
+    if args.trials:
+        results = []
+        with tempfile.TemporaryDirectory(prefix="bench-population-trials-") as tmp:
+            for k in sizes:
+                result = whole_trials(k, args.trial_steps, args.threads, Path(tmp))
+                print(f"K={k}: {k} one-seed trials {result['separate_s']} s, one {k}-seed population trial "
+                      f"{result['population_s']} s: {result['ratio']}x ({args.trial_steps} updates, final evaluation "
+                      f"{result['final_eval_episodes']} episodes per task)", flush=True)
+                results.append(result)
+        print(json.dumps({"benchmark": "population-trials", "cores": mp.cpu_count(), "population_threads": args.threads,
+                          "goal": "ratio >= 3 at K = 5 on 2 cores", "trials": results}))
+        return 0
     if args.cost_model:
         batches = [int(b) for b in args.batches.split(",")]
         if len(set(batches)) < 2:

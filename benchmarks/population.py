@@ -45,6 +45,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -230,32 +231,43 @@ def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float]]:
     procs = [ctx.Process(target=_trial_worker, args=(c, threads, done)) for c in configs]
     for p in procs:
         p.start()
-    scores = [s for _ in procs for s in done.get(timeout=3600)]
+    scores: list[float] = []
+    for _ in procs:
+        while True:  # a process that dies before reporting must not leave this waiting
+            try:
+                scores += done.get(timeout=2)
+                break
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    for p in procs:
+                        p.kill()  # the processes this benchmark started
+                    raise RuntimeError(f"a benchmark trial process exited with {dead[0]} (its stderr says why)") from None
     for p in procs:
         p.join()
-        if p.exitcode != 0:
-            raise RuntimeError(f"a benchmark trial process exited with {p.exitcode}")
     return time.perf_counter() - began, scores
 
 
-def whole_trials(members: int, steps: int, threads: int, cache: Path) -> dict:
-    """K one-seed trials in K processes against one K-seed trial (see the module docstring)."""
-    os.environ["DISTILL_CACHE"] = str(cache)  # the MT-mini store copy and teacher-target cache go here
+def whole_trials(members: int, steps: int, threads: int, work: Path, preset: str = "quick") -> dict:
+    """K one-seed trials in K processes against one K-seed trial of `preset` (see the module
+    docstring); `work` holds the caches (and the smoke preset's generated inputs)."""
+    os.environ["DISTILL_CACHE"] = str(work)  # the MT-mini store copy and teacher-target cache go here
     from agent.train import offline_inputs
     from sweeps.config import preset_config
     from sweeps.setup import resolve_inputs
     from sweeps.trial import build_student, train_config
 
-    inputs = resolve_inputs("quick", [], None, None)
-    base = preset_config("quick").with_overrides({"data": inputs.data, "teacher": inputs.teachers["large"],
-                                                  "steps": steps, "eval_every": steps, "eval_at_start": False})
+    inputs = resolve_inputs(preset, [], None, work / "inputs")
+    base = preset_config(preset).with_overrides({"data": inputs.data, "teacher": inputs.teachers[inputs.default_teacher],
+                                                 "steps": steps, "eval_every": steps, "eval_at_start": False})
     base.validate()
     offline_inputs(build_student(base, _store_tasks(inputs.data)), inputs.data,
                    train_config(base), base.teacher)  # builds the teacher-target cache once, untimed
     separate_s, separate_scores = _run_trials(
         [{**base.to_dict(), "seed": seed, "num_seeds": 1} for seed in range(1, members + 1)], 1)
     population_s, population_scores = _run_trials([{**base.to_dict(), "seed": 1, "num_seeds": members}], threads)
-    return {"members": members, "steps": steps, "final_eval_episodes": base.final_eval_episodes,
+    return {"members": members, "steps": steps, "final_eval_episodes": base.episodes_at(steps),
+            "scores": {"separate": len(separate_scores), "population": len(population_scores)},
             "separate_s": round(separate_s, 1), "population_s": round(population_s, 1),
             "ratio": round(separate_s / population_s, 2),
             "separate_mean_score": round(float(np.mean(separate_scores)), 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,6 +102,22 @@ def test_population_benchmark_ratios_are_its_own_measurements():
     bad = subprocess.run([sys.executable, script, "--threads", "0"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=REPO)
     assert bad.returncode == 2 and "--threads must be >= 1, got 0" in bad.stderr
+
+
+def test_whole_trial_benchmark_times_both_sides_as_sweeps_run_them(tmp_path):
+    """--trials' measurement on the smoke preset: K one-seed trials and one K-seed trial each train and
+    evaluate every member, and the ratio is the two wall times of this run."""
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the spawned trial processes import the script too
+    try:
+        import population
+
+        result = population.whole_trials(2, steps=3, threads=1, work=tmp_path, preset="smoke")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert result["scores"] == {"separate": 2, "population": 2}  # one final fp32 row per member, both sides
+    assert result["final_eval_episodes"] == 1 and result["steps"] == 3
+    assert result["ratio"] == pytest.approx(result["separate_s"] / result["population_s"], abs=0.01)
+    assert math.isfinite(result["separate_mean_score"]) and math.isfinite(result["population_mean_score"])
 
 
 def test_population_cost_model_fits_and_bounds_its_own_timings():

@@ -124,8 +124,9 @@ def versus_start(evals: pd.DataFrame, endpoints: pd.DataFrame, columns: list[str
     """Each setting's endpoint score against the same students untrained (`start_rows`), seed by
     seed: does training move the students at all? One row per setting of `columns` with step-0
     rows: the setting columns, then START_COLUMNS: label, start / end (mean over the paired seeds
-    of the untrained and the endpoint score), ratio (end / start) and its `paired_ratio_ci`, delta / delta_ci_low /
-    delta_ci_high / n_pairs (`paired_difference` of end minus start). Empty without step-0 rows."""
+    of the untrained and the endpoint score), ratio (end / start) and its `paired_ratio_ci`
+    (ratio_ci_low / ratio_ci_high), delta / delta_ci_low / delta_ci_high / n_pairs
+    (`paired_difference` of end minus start). Empty without step-0 rows."""
     starts = start_rows(evals)
     records = []
     for values, rows in group_by_setting(endpoints, columns) if len(starts) else []:

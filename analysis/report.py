@@ -308,8 +308,8 @@ def learning_blocks(evals, endpoints, setting_columns: list[str], reference: dic
         return []
     intro = (f"Each setting's {endpoint} score against the same students before any update (their step-0 "
              f"evaluation), seed by seed; 95% percentile-bootstrap CIs of the mean difference and of the ratio of "
-             f"the means, resampling seeds ({N_RESAMPLES} resamples, fixed seed). The step-0 evaluation has {episodes_text(start_rows(evals))} (the "
-             "learning curve's), and its noise is in the CI.")
+             f"the means, resampling seeds ({N_RESAMPLES} resamples, fixed seed). The step-0 evaluation has "
+             f"{episodes_text(start_rows(evals))} (the learning curve's), and its noise is in the CI.")
     return [("h2", "Learning: trained against untrained (paired by seed)"), ("p", intro),
             ("ul", [learned(row) for row in rows.to_dict("records")])]
 

@@ -318,7 +318,7 @@ def test_a_cosine_lr_schedule_spans_the_trials_updates(smoke_inputs):
     assert pinned.validate().train_config().lr_schedule_steps == 100  # an explicit span is kept
     with pytest.raises(ConfigError, match="lr_schedule must be one of constant, cosine, got 'linear'"):
         preset_config("quick").with_overrides({"train.lr_schedule": "linear"}).validate()
-    # the logged lr (mean over updates log_every apart is the lr of the step's update) follows the cosine
+    # the lr logged at step s is the one the s-th update ran with, lr x lr_factor(s - 1): it follows the cosine
     events = Events()
     run_trial(_config(smoke_inputs, num_seeds=2, log_every=5, **{"train.lr_schedule": "cosine"}), TrialContext("c1"),
               events.rows, metrics=events.metrics)

@@ -128,8 +128,10 @@ def headline(paired: pd.DataFrame, reference: dict[str, object], endpoint: str) 
         text += _resolution(best)
     above = int((distilled["delta_ci_low"] > 0).sum())
     below = int((distilled["delta_ci_high"] < 0).sum())
+    alone = (f"each compared alone, no correction for {len(distilled)} comparisons" if len(distilled) > 1
+             else "one comparison")
     return (text + f" Against scratch, the 95% CI lies entirely above 0 for {above} of the {len(distilled)} d_coef > 0 "
-            f"and entirely below 0 for {below} (each compared alone, no correction for {len(distilled)} comparisons).")
+            f"and entirely below 0 for {below} ({alone}).")
 
 
 def _resolution(row: pd.Series) -> str:

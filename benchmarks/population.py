@@ -210,8 +210,7 @@ def cost_model(store: Path, teacher: Path, batches: Sequence[int], members: Sequ
 
 
 def _trial_worker(config: dict, threads: int, done) -> None:
-    """One trial as a sweep runs it; puts (its final fp32 scores, seconds from this process's
-    start of work) on `done`."""
+    """One trial as a sweep runs it; puts the final fp32 scores of its members on `done`."""
     os.environ["DISTILL_TRIAL_THREADS"] = str(threads)
     from sweeps.config import TrialConfig
     from sweeps.trial import TrialContext, run_trial
@@ -250,8 +249,20 @@ def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float]]:
 
 def whole_trials(members: int, steps: int, threads: int, work: Path, preset: str = "quick") -> dict:
     """K one-seed trials in K processes against one K-seed trial of `preset` (see the module
-    docstring); `work` holds the caches (and the smoke preset's generated inputs)."""
+    docstring); `work` holds the caches (and the smoke preset's generated inputs). $DISTILL_CACHE
+    points there during the call (the trial processes inherit it) and is put back afterwards."""
+    previous = os.environ.get("DISTILL_CACHE")
     os.environ["DISTILL_CACHE"] = str(work)  # the MT-mini store copy and teacher-target cache go here
+    try:
+        return _whole_trials(members, steps, threads, work, preset)
+    finally:
+        if previous is None:
+            os.environ.pop("DISTILL_CACHE", None)
+        else:
+            os.environ["DISTILL_CACHE"] = previous
+
+
+def _whole_trials(members: int, steps: int, threads: int, work: Path, preset: str) -> dict:
     from agent.train import offline_inputs
     from sweeps.config import preset_config
     from sweeps.setup import resolve_inputs

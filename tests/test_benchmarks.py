@@ -111,7 +111,9 @@ def test_whole_trial_benchmark_times_both_sides_as_sweeps_run_them(tmp_path):
     try:
         import population
 
+        before = os.environ.get("DISTILL_CACHE")
         result = population.whole_trials(2, steps=3, threads=1, work=tmp_path, preset="smoke")
+        assert os.environ.get("DISTILL_CACHE") == before  # the caller's environment is put back
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     assert result["scores"] == {"separate": 2, "population": 2}  # one final fp32 row per member, both sides

@@ -203,6 +203,11 @@ def use_native_kernels(enabled: bool = True) -> bool:
     return _native_training
 
 
+def native_training() -> bool:
+    """Whether `ln_mish` runs the native kernels where the tensors allow (float32 on CPU)."""
+    return _native_training
+
+
 def ln_mish(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5, *,
             dropped: torch.Tensor | None = None, p: float = 0.0, transpose_heads: bool = False) -> torch.Tensor:
     """Differentiable Mish(LayerNorm(dropout(x)) * gamma + beta) over the last dim.

@@ -476,12 +476,24 @@ class SeparateMembers:
         return self
 
 
+def single_student_reason(members: int, cfg: TrainConfig, device: torch.device, precision: str) -> str | None:
+    """Why one student trains in the single-student Trainer rather than a population of one, or
+    None. On CPU in fp32 and uncompiled, the Trainer's fused update (`agent.train_kernels`: the
+    task embedding folded into first layers, the Q heads in one GEMM) takes about half the time of
+    a one-member population's (`benchmarks/population.py --cost-model`); on CUDA, in bf16 or
+    compiled, only the population has those paths."""
+    if members != 1 or device.type != "cpu" or precision != "fp32" or wanted(cfg.compile, device):
+        return None
+    return "one student: the single-student Trainer (faster on CPU than a population of one)"
+
+
 def offline_members(models: Sequence[WorldModel], store: Any, cfg: TrainConfig, seeds: Sequence[int],
                     teacher_path: str | os.PathLike | None = None, log: Callable[[str], None] = print,
                     precision: str = "fp32"):
     """K students (one per seed) training offline on `store` on their device: a Population when
-    the executor can serve the setting, else SeparateMembers (and `log` says why). Batch source k
-    is seeded seeds[k]."""
+    the executor can serve the setting, else SeparateMembers (and `log` says why). One student on
+    CPU in fp32 trains in the single-student Trainer (`single_student_reason`). Batch source k is
+    seeded seeds[k]."""
     from dataclasses import replace
 
     from agent.train import Trainer, offline_inputs
@@ -492,11 +504,12 @@ def offline_members(models: Sequence[WorldModel], store: Any, cfg: TrainConfig, 
     sources = [inputs.batches(int(s), tasks) for s in seeds]
     cached = inputs.cache is not None
     target = inputs.cfg.distill.target if (inputs.teacher is not None or cached) else None
-    if target in POPULATION_TARGETS:
+    single = single_student_reason(len(models), inputs.cfg, device, precision)
+    if target in POPULATION_TARGETS and single is None:
         return Population(models, inputs.cfg, sources, inputs.teacher, seeds=seeds, cached_teacher=cached, pca=inputs.pca,
                           precision=precision)
     if precision != "fp32":
         raise ConfigError(f"precision {precision!r} needs the population executor, which cannot serve target {target!r}")
-    log(f"population executor: target {target!r} is not served; training the {len(models)} members one after another")
+    log(single or f"population executor: target {target!r} is not served; training the {len(models)} members one after another")
     return SeparateMembers([Trainer(m, replace(inputs.cfg, seed=int(s)), src, inputs.teacher, pca=inputs.pca,
                                     cached_teacher=cached) for m, s, src in zip(models, seeds, sources)], seeds)

@@ -32,7 +32,7 @@ from agent.config import ModelConfig, TrainConfig
 from agent.distill import CACHEABLE, LatentProjection, PcaProjection, fit_pca, teacher_latents
 from agent.errors import CheckpointError, ConfigError
 from agent.losses import TrainBatch, as_batch, compute_losses, task_discounts
-from agent.ops import HALF_LOG_2PI
+from agent.ops import HALF_LOG_2PI, native_training
 from agent.runtime import flushed_denormals, keep_freed_memory
 from agent.scale import RunningScale
 from agent.train_kernels import heads_for, use_compiled_mish
@@ -83,8 +83,8 @@ class Trainer:
         # fused: one vectorised kernel per tensor (~4x faster than the per-op loop on CPU)
         self.optim = torch.optim.Adam(groups, lr=c.lr, fused=c.fused_adam)
         self.pi_optim = torch.optim.Adam(self._pi_params, lr=c.lr, eps=c.pi_adam_eps, fused=c.fused_adam)
-        if c.fast_kernels and c.compile_mish:
-            use_compiled_mish(True)
+        if c.fast_kernels and c.compile_mish and not (self._device.type == "cpu" and native_training()):
+            use_compiled_mish(True)  # compiling it costs seconds and serves only where the native kernels do not
         self.scale = RunningScale(c.tau)
         self.discount = task_discounts(model.cfg, c.loss, self._device)
         self.step = 0

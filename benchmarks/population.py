@@ -17,8 +17,8 @@ JSON object.
 
 `--trials` times whole trials instead, as a sweep runs them (`sweeps.trial.run_trial`, the quick
 preset on the shipped MT-mini data and large teacher, `--trial-steps` updates, then the preset's
-final evaluation): K one-seed trials in K processes started together (one torch thread each)
-against one K-seed population trial in one process (`--threads`). Both sides are timed from the
+final evaluation): K one-seed trials in K processes started together (one torch thread each;
+a one-seed trial on CPU trains in the single-student Trainer) against one K-seed population trial in one process (`--threads`). Both sides are timed from the
 processes' start to the last one's end, so imports, data and teacher-target loading, sampling,
 training and evaluation all count; the teacher-target cache is built once beforehand, in a
 temporary $DISTILL_CACHE.
@@ -210,7 +210,8 @@ def cost_model(store: Path, teacher: Path, batches: Sequence[int], members: Sequ
 
 
 def _trial_worker(config: dict, threads: int, done) -> None:
-    """One trial as a sweep runs it; puts the final fp32 scores of its members on `done`."""
+    """One trial as a sweep runs it; puts (the final fp32 scores of its members, the executor its
+    training rows name) on `done`."""
     os.environ["DISTILL_TRIAL_THREADS"] = str(threads)
     from sweeps.config import TrialConfig
     from sweeps.trial import TrialContext, run_trial
@@ -218,12 +219,13 @@ def _trial_worker(config: dict, threads: int, done) -> None:
     cfg = TrialConfig.from_dict(config)
     rows: list[dict] = []
     run_trial(cfg, TrialContext(f"bench-seed-{cfg.seed}-of-{cfg.num_seeds}"), lambda r, _checkpoint: rows.extend(r))
-    done.put([r["score"] for r in rows if r["phase"] == "final" and r["quant"] == "fp32"])
+    executors = {r["executor"] for r in rows if r["phase"] == "train"}
+    done.put(([r["score"] for r in rows if r["phase"] == "final" and r["quant"] == "fp32"], ",".join(sorted(executors))))
 
 
-def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float]]:
-    """Seconds from starting one process per config until the last has finished its trial, and
-    the final fp32 scores of all their members."""
+def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float], list[str]]:
+    """Seconds from starting one process per config until the last has finished its trial, the
+    final fp32 scores of all their members, and the executors the trials ran (sorted, distinct)."""
     ctx = mp.get_context("spawn")
     done = ctx.Queue()
     began = time.perf_counter()
@@ -231,10 +233,13 @@ def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float]]:
     for p in procs:
         p.start()
     scores: list[float] = []
+    executors: set[str] = set()
     for _ in procs:
         while True:  # a process that dies before reporting must not leave this waiting
             try:
-                scores += done.get(timeout=2)
+                trial_scores, executor = done.get(timeout=2)
+                scores += trial_scores
+                executors.add(executor)
                 break
             except queue.Empty:
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
@@ -244,7 +249,7 @@ def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float]]:
                     raise RuntimeError(f"a benchmark trial process exited with {dead[0]} (its stderr says why)") from None
     for p in procs:
         p.join()
-    return time.perf_counter() - began, scores
+    return time.perf_counter() - began, scores, sorted(executors)
 
 
 def whole_trials(members: int, steps: int, threads: int, work: Path, preset: str = "quick") -> dict:
@@ -274,11 +279,12 @@ def _whole_trials(members: int, steps: int, threads: int, work: Path, preset: st
     base.validate()
     offline_inputs(build_student(base, _store_tasks(inputs.data)), inputs.data,
                    train_config(base), base.teacher)  # builds the teacher-target cache once, untimed
-    separate_s, separate_scores = _run_trials(
+    separate_s, separate_scores, separate_executors = _run_trials(
         [{**base.to_dict(), "seed": seed, "num_seeds": 1} for seed in range(1, members + 1)], 1)
-    population_s, population_scores = _run_trials([{**base.to_dict(), "seed": 1, "num_seeds": members}], threads)
+    population_s, population_scores, population_executors = _run_trials([{**base.to_dict(), "seed": 1, "num_seeds": members}], threads)
     return {"members": members, "steps": steps, "final_eval_episodes": base.episodes_at(steps),
             "scores": {"separate": len(separate_scores), "population": len(population_scores)},
+            "executors": {"separate": separate_executors, "population": population_executors},
             "separate_s": round(separate_s, 1), "population_s": round(population_s, 1),
             "ratio": round(separate_s / population_s, 2),
             "separate_mean_score": round(float(np.mean(separate_scores)), 2),

@@ -117,6 +117,8 @@ def test_whole_trial_benchmark_times_both_sides_as_sweeps_run_them(tmp_path):
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     assert result["scores"] == {"separate": 2, "population": 2}  # one final fp32 row per member, both sides
+    # a one-seed trial on CPU trains in the single-student Trainer, the K-seed one as a population
+    assert result["executors"] == {"separate": ["separate"], "population": ["population"]}
     assert result["final_eval_episodes"] == 1 and result["steps"] == 3
     assert result["ratio"] == pytest.approx(result["separate_s"] / result["population_s"], abs=0.01)
     assert math.isfinite(result["separate_mean_score"]) and math.isfinite(result["population_mean_score"])

@@ -54,6 +54,39 @@ def test_trial_trains_its_seeds_as_one_population_with_a_row_per_member(smoke_in
     assert sorted(r["config"]["seed"] for r in final) == [1, 2, 3] and all(r["quant"] == "fp32" for r in final)
 
 
+def test_one_student_on_cpu_trains_in_the_single_student_trainer(smoke_inputs, tmp_path):
+    """A one-seed trial on CPU runs the single-student Trainer (its fused update is faster than a
+    population of one): its rows say `separate`, and its student is the one a Trainer built
+    directly with that seed trains."""
+    from agent.train import offline_trainer
+    from sweeps.trial import build_student, train_config
+
+    cfg = _config(smoke_inputs, steps=10, num_seeds=1, d_coef=0.45, eval_at_start=False)
+    collect = Collect(keep_checkpoint=tmp_path)
+    run_trial(cfg, TrialContext("k1"), collect)
+    train = [r for r in collect.rows if r["phase"] == "train"]
+    assert [(r["step"], r["executor"], r["members"]) for r in train] == [(10, "separate", 1)]
+    from agent.data import EpisodeStore
+    tasks = list(EpisodeStore(cfg.data).manifest.tasks)
+    direct = offline_trainer(build_student(cfg, tasks, 1), cfg.data, train_config(cfg), cfg.teacher)
+    direct.train(10)
+    saved = torch.load(tmp_path / TRAINER_FILE, weights_only=True)["members"][0]["model"]["model"]
+    for name, value in direct.model.state_dict().items():
+        assert torch.equal(saved[name], value), name
+
+
+def test_executor_choice_for_one_student():
+    from agent.config import TrainConfig
+    from agent.population import single_student_reason
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "single-student Trainer" in single_student_reason(1, TrainConfig(), cpu, "fp32")
+    assert single_student_reason(2, TrainConfig(), cpu, "fp32") is None           # a population
+    assert single_student_reason(1, TrainConfig(compile="on"), cpu, "fp32") is None  # only the population compiles
+    assert single_student_reason(1, TrainConfig(), cuda, "fp32") is None          # CUDA: the population's paths
+    assert single_student_reason(1, TrainConfig(), cpu, "bf16") is None
+
+
 def test_diverged_member_leaves_and_the_others_finish(smoke_inputs):
     collect = Collect()
     run_trial(_config(smoke_inputs, fault_nan_at_step=12, fault_nan_seed=2), TrialContext("t2"), collect)

@@ -453,6 +453,15 @@ class SeparateMembers:
     def update(self) -> list[dict[str, float]]:
         return [t.update() for t in self.trainers]
 
+    def train(self, steps: int, callback: Callable[[int, list[dict[str, float]]], Any] | None = None) -> list[dict[str, float]]:
+        """As `Population.train`: `steps` updates of every member; callback(step, metrics) after each."""
+        metrics: list[dict[str, float]] = []
+        for _ in range(steps):
+            metrics = self.update()
+            if callback is not None:
+                callback(self.step, metrics)
+        return metrics
+
     def member(self, k: int) -> WorldModel:
         return self.trainers[k].model
 
@@ -489,11 +498,11 @@ def single_student_reason(members: int, cfg: TrainConfig, device: torch.device, 
 
 def offline_members(models: Sequence[WorldModel], store: Any, cfg: TrainConfig, seeds: Sequence[int],
                     teacher_path: str | os.PathLike | None = None, log: Callable[[str], None] = print,
-                    precision: str = "fp32"):
+                    precision: str = "fp32", population_of_one: bool = False):
     """K students (one per seed) training offline on `store` on their device: a Population when
     the executor can serve the setting, else SeparateMembers (and `log` says why). One student on
-    CPU in fp32 trains in the single-student Trainer (`single_student_reason`). Batch source k is
-    seeded seeds[k]."""
+    CPU in fp32 trains in the single-student Trainer (`single_student_reason`) unless
+    `population_of_one` (benchmarks time both executors). Batch source k is seeded seeds[k]."""
     from dataclasses import replace
 
     from agent.train import Trainer, offline_inputs
@@ -504,7 +513,7 @@ def offline_members(models: Sequence[WorldModel], store: Any, cfg: TrainConfig, 
     sources = [inputs.batches(int(s), tasks) for s in seeds]
     cached = inputs.cache is not None
     target = inputs.cfg.distill.target if (inputs.teacher is not None or cached) else None
-    single = single_student_reason(len(models), inputs.cfg, device, precision)
+    single = None if population_of_one else single_student_reason(len(models), inputs.cfg, device, precision)
     if target in POPULATION_TARGETS and single is None:
         return Population(models, inputs.cfg, sources, inputs.teacher, seeds=seeds, cached_teacher=cached, pca=inputs.pca,
                           precision=precision)

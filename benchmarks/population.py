@@ -17,11 +17,14 @@ JSON object.
 
 `--trials` times whole trials instead, as a sweep runs them (`sweeps.trial.run_trial`, the quick
 preset on the shipped MT-mini data and large teacher, `--trial-steps` updates, then the preset's
-final evaluation): K one-seed trials in K processes started together (one torch thread each;
-a one-seed trial on CPU trains in the single-student Trainer) against one K-seed population trial in one process (`--threads`). Both sides are timed from the
-processes' start to the last one's end, so imports, data and teacher-target loading, sampling,
-training and evaluation all count; the teacher-target cache is built once beforehand, in a
-temporary $DISTILL_CACHE.
+final evaluation): K one-seed trials in K processes started together (one torch thread each; a
+one-seed trial on CPU trains in the single-student Trainer) against one K-seed population trial
+in one process (`--threads`). `--settings S` times S settings of K seeds each: S x K one-seed
+trials against S population trials, each side started together; `--settings 3 --threads 1` is
+the shape of the quick d_coef sweep, whose three population trials run at once with one thread
+each. Both sides are timed from the processes' start to the last one's end, so imports, data and
+teacher-target loading, sampling, training and evaluation all count; the teacher-target cache is
+built once beforehand, in a temporary $DISTILL_CACHE.
 
 `--cost-model` measures instead, in this process on one thread, what bounds that ratio: the update
 time of the single-student Trainer and of the eager population (K in `--members`) at each batch
@@ -37,7 +40,7 @@ the student's layer shapes, both measured in this run; the ceiling if every non-
 
     python benchmarks/population.py [--members 1,5,10] [--updates 60] [--compile both|off|on] [--threads N]
     python benchmarks/population.py --cost-model [--batches 32,256] [--members 1,5] [--updates 20]
-    python benchmarks/population.py --trials [--members 5] [--trial-steps 300]
+    python benchmarks/population.py --trials [--members 5] [--trial-steps 300] [--settings 1]
 """
 from __future__ import annotations
 
@@ -106,7 +109,8 @@ def run_population(store: Path, teacher: Path, members: int, updates: int, compi
 
     torch.set_num_threads(threads)
     seeds = list(range(1, members + 1))
-    pop = offline_members([_student(s) for s in seeds], store, _train_config(compile), seeds, teacher, log=lambda _: None)
+    pop = offline_members([_student(s) for s in seeds], store, _train_config(compile), seeds, teacher, log=lambda _: None,
+                          population_of_one=True)
     started = time.perf_counter()
     pop.train(3)
     warm = time.perf_counter() - started
@@ -189,7 +193,8 @@ def cost_model(store: Path, teacher: Path, batches: Sequence[int], members: Sequ
         single[b] = _seconds_per_update(trainer.train, updates)
         for k in members:
             seeds = list(range(1, k + 1))
-            pop = offline_members([_student(s) for s in seeds], store, cfg, seeds, teacher, log=lambda _: None)
+            pop = offline_members([_student(s) for s in seeds], store, cfg, seeds, teacher, log=lambda _: None,
+                                  population_of_one=True)
             population[(k, b)] = _seconds_per_update(pop.train, updates)
     s_fixed, s_per = _line(list(single), list(single.values()))
     p_fixed, p_per = _line([k * b for k, b in population], list(population.values()))
@@ -252,14 +257,16 @@ def _run_trials(configs: list[dict], threads: int) -> tuple[float, list[float], 
     return time.perf_counter() - began, scores, sorted(executors)
 
 
-def whole_trials(members: int, steps: int, threads: int, work: Path, preset: str = "quick") -> dict:
-    """K one-seed trials in K processes against one K-seed trial of `preset` (see the module
-    docstring); `work` holds the caches (and the smoke preset's generated inputs). $DISTILL_CACHE
-    points there during the call (the trial processes inherit it) and is put back afterwards."""
+def whole_trials(members: int, steps: int, threads: int, work: Path, preset: str = "quick", settings: int = 1) -> dict:
+    """settings x K one-seed trials in as many processes against `settings` K-seed trials of
+    `preset`, each side's processes started together (see the module docstring); setting i trains
+    seeds i K + 1 .. (i + 1) K. `work` holds the caches (and the smoke preset's generated inputs).
+    $DISTILL_CACHE points there during the call (the trial processes inherit it) and is put back
+    afterwards."""
     previous = os.environ.get("DISTILL_CACHE")
     os.environ["DISTILL_CACHE"] = str(work)  # the MT-mini store copy and teacher-target cache go here
     try:
-        return _whole_trials(members, steps, threads, work, preset)
+        return _whole_trials(members, steps, threads, work, preset, settings)
     finally:
         if previous is None:
             os.environ.pop("DISTILL_CACHE", None)
@@ -267,7 +274,7 @@ def whole_trials(members: int, steps: int, threads: int, work: Path, preset: str
             os.environ["DISTILL_CACHE"] = previous
 
 
-def _whole_trials(members: int, steps: int, threads: int, work: Path, preset: str) -> dict:
+def _whole_trials(members: int, steps: int, threads: int, work: Path, preset: str, settings: int) -> dict:
     from agent.train import offline_inputs
     from sweeps.config import preset_config
     from sweeps.setup import resolve_inputs
@@ -280,9 +287,10 @@ def _whole_trials(members: int, steps: int, threads: int, work: Path, preset: st
     offline_inputs(build_student(base, _store_tasks(inputs.data)), inputs.data,
                    train_config(base), base.teacher)  # builds the teacher-target cache once, untimed
     separate_s, separate_scores, separate_executors = _run_trials(
-        [{**base.to_dict(), "seed": seed, "num_seeds": 1} for seed in range(1, members + 1)], 1)
-    population_s, population_scores, population_executors = _run_trials([{**base.to_dict(), "seed": 1, "num_seeds": members}], threads)
-    return {"members": members, "steps": steps, "final_eval_episodes": base.episodes_at(steps),
+        [{**base.to_dict(), "seed": seed, "num_seeds": 1} for seed in range(1, settings * members + 1)], 1)
+    population_s, population_scores, population_executors = _run_trials(
+        [{**base.to_dict(), "seed": 1 + i * members, "num_seeds": members} for i in range(settings)], threads)
+    return {"members": members, "settings": settings, "steps": steps, "final_eval_episodes": base.episodes_at(steps),
             "scores": {"separate": len(separate_scores), "population": len(population_scores)},
             "executors": {"separate": separate_executors, "population": population_executors},
             "separate_s": round(separate_s, 1), "population_s": round(population_s, 1),
@@ -328,18 +336,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", action="store_true",
                         help="time whole trials (train, evaluate) as a sweep runs them instead (module docstring)")
     parser.add_argument("--trial-steps", type=int, default=300, help="updates per trial of --trials")
+    parser.add_argument("--settings", type=int, default=1,
+                        help="--trials: settings timed together, each K seeds (3 with --threads 1: the quick d_coef sweep's shape)")
     args = parser.parse_args(argv)
     if args.trial_steps < 1:
         parser.error(f"--trial-steps must be >= 1, got {args.trial_steps}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.settings < 1:
+        parser.error(f"--settings must be >= 1, got {args.settings}")
     sizes = [int(k) for k in args.members.split(",")]
     if args.trials:
         results = []
         with tempfile.TemporaryDirectory(prefix="bench-population-trials-") as tmp:
             for k in sizes:
-                result = whole_trials(k, args.trial_steps, args.threads, Path(tmp))
-                print(f"K={k}: {k} one-seed trials {result['separate_s']} s, one {k}-seed population trial "
+                result = whole_trials(k, args.trial_steps, args.threads, Path(tmp), settings=args.settings)
+                n = args.settings
+                print(f"K={k}: {n * k} one-seed trials {result['separate_s']} s, {n} {k}-seed population trial(s) "
                       f"{result['population_s']} s: {result['ratio']}x ({args.trial_steps} updates, final evaluation "
                       f"{result['final_eval_episodes']} episodes per task)", flush=True)
                 results.append(result)

@@ -105,23 +105,28 @@ def test_population_benchmark_ratios_are_its_own_measurements():
 
 
 def test_whole_trial_benchmark_times_both_sides_as_sweeps_run_them(tmp_path):
-    """--trials' measurement on the smoke preset: K one-seed trials and one K-seed trial each train and
-    evaluate every member, and the ratio is the two wall times of this run."""
+    """--trials' measurement on the smoke preset, two settings of K = 2 seeds: 4 one-seed trials and
+    two 2-seed trials each train and evaluate every member, and the ratio is the two wall times of
+    this run; a bad --settings is refused before anything runs."""
     sys.path.insert(0, str(REPO / "benchmarks"))  # the spawned trial processes import the script too
     try:
         import population
 
         before = os.environ.get("DISTILL_CACHE")
-        result = population.whole_trials(2, steps=3, threads=1, work=tmp_path, preset="smoke")
+        result = population.whole_trials(2, steps=3, threads=1, work=tmp_path, preset="smoke", settings=2)
         assert os.environ.get("DISTILL_CACHE") == before  # the caller's environment is put back
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    assert result["scores"] == {"separate": 2, "population": 2}  # one final fp32 row per member, both sides
+    assert result["scores"] == {"separate": 4, "population": 4}  # one final fp32 row per member, both sides
+    assert result["settings"] == 2 and result["members"] == 2
     # a one-seed trial on CPU trains in the single-student Trainer, the K-seed one as a population
     assert result["executors"] == {"separate": ["separate"], "population": ["population"]}
     assert result["final_eval_episodes"] == 1 and result["steps"] == 3
     assert result["ratio"] == pytest.approx(result["separate_s"] / result["population_s"], abs=0.01)
     assert math.isfinite(result["separate_mean_score"]) and math.isfinite(result["population_mean_score"])
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "population.py"), "--trials", "--settings", "0"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert bad.returncode == 2 and "--settings must be >= 1, got 0" in bad.stderr
 
 
 def test_population_cost_model_fits_and_bounds_its_own_timings():

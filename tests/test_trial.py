@@ -73,6 +73,13 @@ def test_one_student_on_cpu_trains_in_the_single_student_trainer(smoke_inputs, t
     saved = torch.load(tmp_path / TRAINER_FILE, weights_only=True)["members"][0]["model"]["model"]
     for name, value in direct.model.state_dict().items():
         assert torch.equal(saved[name], value), name
+    # the library's choice, and the population of one that benchmarks ask for instead
+    from agent.population import Population, SeparateMembers, offline_members
+    one = offline_members([build_student(cfg, tasks, 1)], cfg.data, train_config(cfg), [1], cfg.teacher, log=lambda _: None)
+    assert isinstance(one, SeparateMembers) and one.train(2)[0]["step"] == 2.0 and one.step == 2
+    forced = offline_members([build_student(cfg, tasks, 1)], cfg.data, train_config(cfg), [1], cfg.teacher,
+                             log=lambda _: None, population_of_one=True)
+    assert isinstance(forced, Population) and forced.K == 1
 
 
 def test_executor_choice_for_one_student():

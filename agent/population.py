@@ -106,7 +106,21 @@ def _stack(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     return None if values[0] is None else torch.stack(list(values))
 
 
-class Population:
+class _Members:
+    """`train` for the two member executors (Population, SeparateMembers): both have `update()`
+    -> each member's metrics, and `step`."""
+
+    def train(self, steps: int, callback: Callable[[int, list[dict[str, float]]], Any] | None = None) -> list[dict[str, float]]:
+        """Run `steps` updates of every member from its batch source; callback(step, metrics) after each."""
+        metrics: list[dict[str, float]] = []
+        for _ in range(steps):
+            metrics = self.update()
+            if callback is not None:
+                callback(self.step, metrics)
+        return metrics
+
+
+class Population(_Members):
     """K students (same ModelConfig) trained as one batch; see the module docstring.
 
     models: K WorldModels (their weights are copied in; the objects are not trained in place).
@@ -335,15 +349,6 @@ class Population:
         table = {k: v.double().cpu().tolist() for k, v in columns.items()}
         return [{**{k: float(v[i]) for k, v in table.items()}, "step": float(self.step)} for i in range(self.K)]
 
-    def train(self, steps: int, callback: Callable[[int, list[dict[str, float]]], Any] | None = None) -> list[dict[str, float]]:
-        """Run `steps` updates from the batch sources; callback(step, metrics) after each."""
-        metrics: list[dict[str, float]] = []
-        for _ in range(steps):
-            metrics = self.update()
-            if callback is not None:
-                callback(self.step, metrics)
-        return metrics
-
     # -- members --------------------------------------------------------------------------------
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's WorldModel state dict (parameters, target heads and buffers)."""
@@ -435,7 +440,7 @@ class Population:
         return self
 
 
-class SeparateMembers:
+class SeparateMembers(_Members):
     """The Population interface over K ordinary Trainers, one after another: for settings the
     population executor cannot serve (see POPULATION_TARGETS). Member k trains with seed seeds[k]."""
 
@@ -452,15 +457,6 @@ class SeparateMembers:
 
     def update(self) -> list[dict[str, float]]:
         return [t.update() for t in self.trainers]
-
-    def train(self, steps: int, callback: Callable[[int, list[dict[str, float]]], Any] | None = None) -> list[dict[str, float]]:
-        """As `Population.train`: `steps` updates of every member; callback(step, metrics) after each."""
-        metrics: list[dict[str, float]] = []
-        for _ in range(steps):
-            metrics = self.update()
-            if callback is not None:
-                callback(self.step, metrics)
-        return metrics
 
     def member(self, k: int) -> WorldModel:
         return self.trainers[k].model

@@ -204,8 +204,9 @@ def use_native_kernels(enabled: bool = True) -> bool:
 
 
 def native_training() -> bool:
-    """Whether `ln_mish` runs the native kernels where the tensors allow (float32 on CPU)."""
-    return _native_training
+    """Whether `ln_mish` runs the native kernels where the tensors allow (float32 on CPU): switched
+    on (`use_native_kernels`) and built."""
+    return _native_training and native.available()
 
 
 def ln_mish(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5, *,

@@ -295,3 +295,27 @@ def test_cosine_schedule_sets_every_groups_lr_from_its_own_base():
         assert lrs[0] == pytest.approx(1e-3 * 0.3 * lr_factor(cfg, step))  # the encoder keeps its 0.3 scale
         assert lrs[1:] == pytest.approx([1e-3 * lr_factor(cfg, step)] * (len(lrs) - 1))
         assert trainer.pi_optim.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(cfg, step))
+
+
+def test_trainer_compiles_mish_only_where_the_native_kernels_do_not_run(monkeypatch):
+    """The compiled Mish serves `ln_mish`'s torch fallback only: a CPU Trainer with the native
+    kernels in use does not compile it (seconds per process); with them switched off it does."""
+    import agent.train as train_module
+    from agent import native, ops
+
+    if not native.available():
+        pytest.skip("the native kernels cannot be built here")
+    calls = []
+    monkeypatch.setattr(train_module, "use_compiled_mish", lambda enabled=True: calls.append(enabled))
+    model = WorldModel(model_config(None, tasks=["walker-walk"], obs_dim=24, action_dim=6, enc_dim=16, mlp_dim=16,
+                                    latent_dim=16, task_dim=0, num_q=2))
+    Trainer(model, TrainConfig())
+    assert calls == []
+    try:
+        ops.use_native_kernels(False)
+        Trainer(model, TrainConfig())
+        assert calls == [True]
+        Trainer(model, TrainConfig(compile_mish=False))
+        assert calls == [True]
+    finally:
+        ops.use_native_kernels(True)

@@ -1,6 +1,8 @@
 """Checkpoint loading: every layout, round trips and one-line errors for bad files."""
 import pickle
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import small_model
@@ -55,8 +57,11 @@ def test_int8_file_dequantizes_to_integers(fixtures_dir):
 
 
 def _one_line_error(path, *fragments):
-    with pytest.raises(CheckpointError) as info:
-        load_world_model(path)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError) as info:
+            load_world_model(path)
+    assert not warned, [str(w.message) for w in warned]  # a warning is a second line on the user's terminal
     message = str(info.value)
     assert "\n" not in message and str(path) in message
     for fragment in fragments:
@@ -72,6 +77,9 @@ def test_bad_files_give_one_clear_line(tmp_path, fixtures_dir):
     rogue = tmp_path / "rogue.pt"
     rogue.write_bytes(pickle.dumps({"payload": Rogue()}))
     _one_line_error(rogue, "not a readable torch checkpoint")
+    protocol_89 = tmp_path / "random.pt"  # random bytes that open with the PROTO opcode (1 file in 256)
+    protocol_89.write_bytes(b"\x80\x59" + np.random.default_rng(0).bytes(2046))
+    _one_line_error(protocol_89, "not a readable torch checkpoint")
     state = torch.load(fixtures_dir / "published/mt30_1M_steps_045dist_fp16.pt", map_location="cpu", weights_only=True)
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("_reward.")}
     no_head = tmp_path / "no_reward_head.pt"

@@ -607,14 +607,20 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from sweeps.results import STUDENTS_DIR
+
     report = out / "report" / "report.md"
     if args.out is not None and storage.is_remote(args.out):
         where = storage.display(args.out)
         print(f"results: {where}/results.jsonl (staged in {out})")
         print(f"report:  {where + '/report/report.md' if report.exists() else '(not written)'}")
+        if storage.exists(storage.join(args.out, STUDENTS_DIR), directory=True):
+            print(f"students: {where}/{STUDENTS_DIR}/<trial_id>/seed-<seed>/<quant>.pt")
     else:
         print(f"results: {out / 'results.jsonl'}")
         print(f"report:  {report if report.exists() else '(not written)'}")
+        if (out / STUDENTS_DIR).is_dir():
+            print(f"students: {out / STUDENTS_DIR}/<trial_id>/seed-<seed>/<quant>.pt")
     from sweeps.results import RESULTS_FILE, read_rows
 
     total, failed, common = failure_summary(read_rows(out))

@@ -71,7 +71,7 @@ def filesystem(uri: str):
     return pafs.FileSystem.from_uri(uri)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -86,18 +86,19 @@ def check_reachable(uri: str) -> str | None:
         bucket = path.split("/", 1)[0]
         info = fs.get_file_info(bucket if bucket and urlsplit(uri).scheme in ("s3", "gs", "gcs") else path)
     except (OSError, ValueError) as exc:
-        return f"cannot reach it: {_first_line(exc)}"
+        return f"cannot reach it: {first_line(exc)}"
     if urlsplit(uri).scheme in ("s3", "gs", "gcs") and info.type == pafs.FileType.NotFound:
         return f"no bucket {bucket!r} there (create it first; endpoint and credentials: see README, object storage)"
     return None
 
 
-def exists(uri: str) -> bool:
+def exists(uri: str, directory: bool = False) -> bool:
+    """Whether `uri` is a file (a directory with `directory`) in its store."""
     import pyarrow.fs as pafs
 
     try:
         fs, path = filesystem(uri)
-        return fs.get_file_info(path).type == pafs.FileType.File
+        return fs.get_file_info(path).type == (pafs.FileType.Directory if directory else pafs.FileType.File)
     except (OSError, ValueError):
         return False
 
@@ -129,6 +130,19 @@ def upload_results(staging: Path, uri: str, report: bool = True) -> None:
     if report and (staging / REPORT_DIR).is_dir():
         fs, path = filesystem(join(uri, REPORT_DIR))
         pafs.copy_files(str(staging / REPORT_DIR), path, destination_filesystem=fs)
+
+
+def copy_dir(source_fs, source: str, destination: str | Path) -> None:
+    """Copy directory `source` of pyarrow file system `source_fs` (where Tune stored a checkpoint)
+    into `destination`, a local directory or a store URI; files already there are replaced."""
+    import pyarrow.fs as pafs
+
+    if is_remote(str(destination)):
+        fs, path = filesystem(str(destination))
+    else:
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        fs, path = pafs.LocalFileSystem(), str(Path(destination).resolve())
+    pafs.copy_files(source, path, source_filesystem=source_fs, destination_filesystem=fs)
 
 
 def download_results(uri: str, staging: Path) -> None:
@@ -176,7 +190,7 @@ class ResultsMirror:
                 upload_file(path, join(self.uri, RESULTS_FILE))
         except (OSError, ValueError) as exc:
             if not self.warned:
-                print(f"warning: could not upload {RESULTS_FILE} to {display(self.uri)} ({_first_line(exc)}); "
+                print(f"warning: could not upload {RESULTS_FILE} to {display(self.uri)} ({first_line(exc)}); "
                       "retrying as rows arrive", file=sys.stderr)
                 self.warned = True
             return

@@ -22,6 +22,7 @@ from agent.evaluate import evaluate_members, normalized_score, task_scores
 from agent.population import Population, offline_members
 from agent.world_model import WorldModel
 from sweeps.config import TrialConfig
+from sweeps.results import STUDENTS_DIR, student_file
 
 TRAINER_FILE = "trainer.pt"
 MEMBERS_FILE = "members.json"  # the seeds still training (diverged members leave)
@@ -283,8 +284,7 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
         latest = dict(zip(members.seeds, evaluations))
         rate = members.step * members.K / (time.perf_counter() - start) if members.step else None
         with tempfile.TemporaryDirectory() as checkpoint_dir:
-            members.save(Path(checkpoint_dir) / TRAINER_FILE)
-            (Path(checkpoint_dir) / MEMBERS_FILE).write_text(json.dumps(members.seeds))
+            _save_members(members, Path(checkpoint_dir))
             report([_row(cfg, ctx, seed, members.step, "train", "fp32", evaluation, restored_from=restored_from,
                          updates_per_s=rate, executor=executor, members=members.K, device=device.type)
                     for seed, evaluation in zip(members.seeds, evaluations)], Path(checkpoint_dir))
@@ -317,11 +317,15 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
         return
     from agent.quantize import quantize_file
 
-    with tempfile.TemporaryDirectory() as scratch:
+    # The students' files of every precision go into the trial's last checkpoint (students/, with
+    # the training state a retry needs), which Tune stores and the driver copies to OUT/students/.
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryDirectory() as checkpoint_dir:
+        _save_members(members, Path(checkpoint_dir))  # before building models moves torch's RNG
         files = [save_world_model(members.member(k), Path(scratch) / f"student-{seed}.pt")
                  for k, seed in enumerate(members.seeds)]
-        for mode in cfg.quant_modes:  # each precision goes through a real file and the loader
-            results = [quantize_file(fp32_file, mode, Path(scratch) / f"student-{seed}-{mode}.pt")
+        students = Path(checkpoint_dir) / STUDENTS_DIR
+        for i, mode in enumerate(cfg.quant_modes):  # each precision goes through a real file and the loader
+            results = [quantize_file(fp32_file, mode, students / student_file(seed, mode))
                        for seed, fp32_file in zip(members.seeds, files)]
             evaluations = dict(latest) if mode == "fp32" else {}  # the fp32 files hold the weights just evaluated
             fresh = [(seed, result) for seed, result in zip(members.seeds, results)
@@ -330,5 +334,13 @@ def _train_and_evaluate(cfg: TrialConfig, ctx: TrialContext, report: Reporter, m
                 evaluations.update(zip([seed for seed, _ in fresh], _evaluate(
                     [load_world_model(result.path, device=device) for _, result in fresh], cfg, tasks,
                     [seed for seed, _ in fresh], members.step)))
+            last = i == len(cfg.quant_modes) - 1
             report([_row(cfg, ctx, seed, members.step, "final", mode, evaluations[seed], size_mib=result.size_mib)
-                    for seed, result in zip(members.seeds, results)], None)
+                    for seed, result in zip(members.seeds, results)], Path(checkpoint_dir) if last else None)
+
+
+def _save_members(members: Any, checkpoint_dir: Path) -> None:
+    """The training state a retried trial restores from: every member's weights and optimizer
+    state, and the seeds still training."""
+    members.save(checkpoint_dir / TRAINER_FILE)
+    (checkpoint_dir / MEMBERS_FILE).write_text(json.dumps(members.seeds))

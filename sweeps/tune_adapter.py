@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +14,7 @@ import ray
 from ray import tune
 
 from sweeps.config import TrialConfig
-from sweeps.results import RowStream
+from sweeps.results import STUDENTS_DIR, RowStream
 from sweeps.trial import TrialContext, run_trial
 
 
@@ -21,10 +22,14 @@ class StreamRows(tune.Callback):
     """Driver-side: every trial result's rows go to OUT/results.jsonl as they are reported. With a
     remote OUT (`remote`, the --out URI), `out` is the staging copy and results.jsonl is mirrored
     to the store as rows arrive (sweeps.storage.ResultsMirror: at most every few seconds, and when
-    the sweep ends); a restored sweep recomputes the staging copy on the machine it resumes on."""
+    the sweep ends); a restored sweep recomputes the staging copy on the machine it resumes on.
+
+    A trial's last checkpoint holds its trained students (students/, see sweeps.trial): they are
+    copied from where Tune stored it to OUT/students/<trial_id>/ (in the store for a remote OUT)."""
 
     remote: str | None = None  # defaults for callbacks pickled before these attributes existed
     mirror = None
+    warned_students = False
 
     def __init__(self, out: Path, remote: str | None = None):
         self.out = Path(out)
@@ -48,6 +53,25 @@ class StreamRows(tune.Callback):
         stream.add_result(result)
         if self.mirror is not None and len(stream.rows) != before:
             self.mirror.changed()
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        import pyarrow.fs as pafs
+
+        from sweeps import storage
+
+        source = f"{checkpoint.path.rstrip('/')}/{STUDENTS_DIR}"
+        if checkpoint.filesystem.get_file_info(source).type != pafs.FileType.Directory:
+            return  # a checkpoint taken during training
+        self._open()
+        destination = (storage.join(self.remote, STUDENTS_DIR, trial.trial_id) if self.remote is not None
+                       else self.out / STUDENTS_DIR / trial.trial_id)
+        try:
+            storage.copy_dir(checkpoint.filesystem, source, destination)
+        except (OSError, ValueError) as exc:  # the sweep goes on; Tune's checkpoint still holds them
+            if not self.warned_students:
+                print(f"warning: could not copy trial {trial.trial_id}'s students to {STUDENTS_DIR}/ "
+                      f"({storage.first_line(exc)}); they stay in its checkpoint {checkpoint.path}", file=sys.stderr)
+                self.warned_students = True
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if self.mirror is not None:

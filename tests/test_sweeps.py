@@ -261,6 +261,16 @@ def test_smoke_sweep_writes_results_and_report_then_resumes_without_rerunning(tm
     assert len(train) == 8 * 2 and all(r["status"] == "ok" and r["score"] is not None for r in rows)
     assert {r["quant"] for r in final} == {"fp32", "fp16"}
     assert all(r["size_mib"] > 0 for r in final)
+    # every final row's student is kept, the very file whose size the row reports
+    from agent.checkpoint import load_world_model
+    from agent.quantize import MIB
+
+    for row in final:
+        path = out / "students" / row["trial_id"] / f"seed-{row['config']['seed']}" / f"{row['quant']}.pt"
+        assert row["size_mib"] == path.stat().st_size / MIB
+    assert len(list((out / "students").rglob("*.pt"))) == len(final) == 8 * 2
+    assert load_world_model(path).cfg.latent_dim > 0
+    assert f"students: {out / 'students'}/<trial_id>/seed-<seed>/<quant>.pt" in result.stdout
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["grid"] == "d_coef" and meta["swept"] == ["d_coef"] and meta["trials"] == 8
     report = out / "report" / "report.md"
@@ -276,6 +286,42 @@ def test_smoke_sweep_writes_results_and_report_then_resumes_without_rerunning(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert _rows(out) == rows  # nothing re-ran, nothing lost
     assert sorted(p.name for p in (out / "ray" / "sweep").iterdir() if p.is_dir()) == trial_dirs
+
+
+def test_a_trials_students_are_copied_from_its_stored_checkpoint_to_out(tmp_path, capsys):
+    """Driver side, local OUT: a checkpoint with students/ (a trial's last) is copied to
+    OUT/students/<trial_id>/, one taken during training is not; a copy that fails warns once and
+    the sweep goes on."""
+    import types
+
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from sweeps.tune_adapter import StreamRows
+
+    out, stored = tmp_path / "out", tmp_path / "ray" / "sweep" / "trial" / "checkpoint_000003"
+    for name, data in (("trainer.pt", b"state"), ("students/seed-4/fp32.pt", b"a"), ("students/seed-4/fp16.pt", b"b")):
+        (stored / name).parent.mkdir(parents=True, exist_ok=True)
+        (stored / name).write_bytes(data)
+    during = tmp_path / "ray" / "sweep" / "trial" / "checkpoint_000002"
+    during.mkdir()
+    (during / "trainer.pt").write_bytes(b"state")
+    stream = StreamRows(out)
+    trial = types.SimpleNamespace(trial_id="abc_00001")
+    stream.on_checkpoint(0, [], trial, tune.Checkpoint(str(during), pafs.LocalFileSystem()))
+    assert not (out / "students").exists()
+    stream.on_checkpoint(0, [], trial, tune.Checkpoint(str(stored), pafs.LocalFileSystem()))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "students/abc_00001/seed-4/fp16.pt", "students/abc_00001/seed-4/fp32.pt"]
+    assert (out / "students" / "abc_00001" / "seed-4" / "fp16.pt").read_bytes() == b"b"
+
+    (out / "students" / "other").write_text("a file where the trial's directory goes")
+    for _ in range(2):
+        stream.on_checkpoint(0, [], types.SimpleNamespace(trial_id="other"),
+                             tune.Checkpoint(str(stored), pafs.LocalFileSystem()))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: could not copy trial other's students to students/")
+    assert err[0].endswith(f"they stay in its checkpoint {stored}")
 
 
 def test_killed_trial_is_retried_from_its_checkpoint_and_nan_trial_is_isolated(tmp_path):
@@ -892,6 +938,21 @@ def test_remote_out_is_staged_outside_the_checkout_mirrored_to_the_store_and_che
         storage.upload_results(staging, in_uri)
         assert [k for k in s3.keys("sweeps", "d_coef/") if not k.endswith("/") and "/ray/" not in k] == [
             "d_coef/report/report.md", "d_coef/report/tables/d_coef.md", "d_coef/results.jsonl", "d_coef/sweep.json"]
+
+        # a trial's last checkpoint, stored by Tune in the bucket: its students are copied to OUT/students/<trial_id>/
+        import types
+
+        from ray import tune
+
+        checkpoint_key = "d_coef/ray/sweep/d_coef=0.2_t/checkpoint_000002"
+        for name in ("trainer.pt", "students/seed-1/fp32.pt", "students/seed-1/fp16.pt"):
+            s3.put("sweeps", f"{checkpoint_key}/{name}", name.encode())
+        fs, _ = storage.filesystem(in_uri)
+        stream.on_checkpoint(0, [], types.SimpleNamespace(trial_id="t"), tune.Checkpoint(f"sweeps/{checkpoint_key}", fs))
+        assert [k for k in s3.keys("sweeps", "d_coef/students/") if not k.endswith("/")] == [
+            "d_coef/students/t/seed-1/fp16.pt", "d_coef/students/t/seed-1/fp32.pt"]
+        assert s3.get("sweeps", "d_coef/students/t/seed-1/fp16.pt") == b"students/seed-1/fp16.pt"
+        assert not (staging / "students").exists()  # the store holds them, not the staging copy
 
 
 def _row_key(row: dict) -> tuple:

@@ -3,6 +3,7 @@ evaluation; a diverged member leaves, the others finish; a restored trial contin
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from agent.errors import ConfigError
 from sweeps.config import preset_config
 from sweeps.setup import resolve_inputs
+from sweeps.results import STUDENTS_DIR, student_file
 from sweeps.trial import MEMBERS_FILE, TRAINER_FILE, TrialContext, run_trial
 
 
@@ -29,12 +31,17 @@ class Collect:
     def __init__(self, keep_checkpoint: Path | None = None):
         self.reports: list[list[dict]] = []
         self.keep = keep_checkpoint
+        self.with_students: list[int] = []  # the reports whose checkpoint holds students/
 
     def __call__(self, rows, checkpoint_dir):
         self.reports.append(rows)
+        if checkpoint_dir is not None and (checkpoint_dir / STUDENTS_DIR).is_dir():
+            self.with_students.append(len(self.reports) - 1)
         if checkpoint_dir is not None and self.keep is not None:
             for name in (TRAINER_FILE, MEMBERS_FILE):
                 (self.keep / name).write_bytes((checkpoint_dir / name).read_bytes())
+            if (checkpoint_dir / STUDENTS_DIR).is_dir():
+                shutil.copytree(checkpoint_dir / STUDENTS_DIR, self.keep / STUDENTS_DIR, dirs_exist_ok=True)
 
     @property
     def rows(self):
@@ -193,6 +200,33 @@ def test_final_fp32_row_equals_a_fresh_evaluation_of_the_saved_file(smoke_inputs
     path = save_world_model(members.member(0), tmp_path / "student.pt")
     fresh, = _evaluate([load_world_model(path)], cfg, tasks, [1], cfg.steps)
     assert final["task_scores"] == pytest.approx(fresh.task_scores, abs=1e-9)
+    # the trial's kept fp32 student is that student
+    kept = load_world_model(tmp_path / STUDENTS_DIR / student_file(1, "fp32")).state_dict()
+    assert kept.keys() == members.member(0).state_dict().keys()
+    assert all(torch.equal(kept[k], v) for k, v in members.member(0).state_dict().items())
+
+
+def test_the_trained_students_of_every_precision_go_with_the_last_report(smoke_inputs, tmp_path):
+    """The last report's checkpoint holds students/seed-<seed>/<quant>.pt for every member and
+    precision (and the training state, like every checkpoint): the very files whose size and
+    evaluation the final rows report."""
+    from agent.quantize import MIB
+
+    collect = Collect(keep_checkpoint=tmp_path)
+    run_trial(_config(smoke_inputs, steps=10, num_seeds=2, quant_modes=["fp32", "fp16"]), TrialContext("s1"), collect)
+    assert collect.with_students == [len(collect.reports) - 1]
+    students = tmp_path / STUDENTS_DIR
+    assert sorted(str(p.relative_to(students)) for p in students.rglob("*.pt")) == [
+        "seed-1/fp16.pt", "seed-1/fp32.pt", "seed-2/fp16.pt", "seed-2/fp32.pt"]
+    final = [r for r in collect.rows if r["phase"] == "final"]
+    assert len(final) == 4
+    for row in final:
+        path = students / student_file(row["config"]["seed"], row["quant"])
+        assert row["size_mib"] == path.stat().st_size / MIB
+        payload = torch.load(path, weights_only=True)
+        dtypes = {t.dtype for t in payload["model"].values() if t.is_floating_point()}
+        assert dtypes == ({torch.float16} if row["quant"] == "fp16" else {torch.float32})
+    assert (tmp_path / MEMBERS_FILE).read_text() == "[1, 2]"
 
 
 def test_eval_at_start_reports_the_untrained_members_first(smoke_inputs):

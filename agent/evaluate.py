@@ -242,3 +242,99 @@ def normalized_score(df: pd.DataFrame) -> float:
     if df.empty:
         raise ConfigError("normalized_score: no evaluation rows")
     return float(np.mean(list(task_scores(df).values())))
+
+
+def score_standard_error(df: pd.DataFrame) -> float | None:
+    """Standard error of `normalized_score(df)` from the spread of the episode scores:
+    sqrt(sum over tasks of var(task's episode scores, ddof=1) / its episodes) / number of tasks.
+    None with one episode of some task (no spread to estimate it from)."""
+    normalized_score(df)  # raises on an empty evaluation
+    per_task = df.groupby("task", sort=False)["score"]
+    if per_task.count().min() < 2:
+        return None
+    variance_of_means = per_task.var(ddof=1) / per_task.count()
+    return float(np.sqrt(variance_of_means.sum()) / len(variance_of_means))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agent.evaluate CHECKPOINT [...]`: evaluate saved students or teachers (any layout
+    `load_world_model` reads) and print each one's per-task and normalized scores with the score's
+    standard error; `--csv` also writes every episode."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from agent.checkpoint import load_world_model
+    from agent.cli import OneLineParser
+    from agent.errors import DistillError
+
+    parser = OneLineParser("agent.evaluate", description="Evaluate world-model checkpoints with the official protocol "
+                           "(batched MPPI, score = return / 10, normalized score = mean over tasks).")
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated task names (default: every task of the checkpoint's task set)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
+    parser.add_argument("--seed", type=int, default=1, help="evaluation seed: environments and planner (default 1)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="agent steps per episode (default: the official 500; MT-mini sweeps use 200)")
+    parser.add_argument("--planner", action="append", default=[], metavar="KEY=VALUE",
+                        help="an MPPI setting (JSON value), e.g. --planner iterations=3 --planner num_samples=128")
+    parser.add_argument("--policy", action="store_true", help="act with the policy prior's mean instead of MPPI")
+    parser.add_argument("--env-workers", type=int, default=0, help="processes stepping the environments (default 0)")
+    parser.add_argument("--csv", type=Path, default=None, help="also write every episode here (checkpoint, task, "
+                        "episode, return, score)")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.planner:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            parser.error(f"--planner {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--planner {item!r}: {value!r} is not a JSON value")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
+    for flag, value, least in (("--episodes", args.episodes, 1), ("--max-steps", args.max_steps, 1),
+                               ("--env-workers", args.env_workers, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    if tasks == []:
+        parser.error("--tasks names no task")
+    if args.csv is not None and not args.csv.parent.is_dir():
+        parser.error(f"--csv {args.csv}: no directory {args.csv.parent}")
+    try:
+        if overrides:
+            from agent.config import PlannerConfig
+
+            PlannerConfig().override(**overrides)  # a bad setting is refused before any checkpoint loads
+        models = [load_world_model(path) for path in args.checkpoints]  # every file is checked before any runs
+        frames = []
+        for path, model in zip(args.checkpoints, models):
+            model_tasks = tasks if tasks is not None else list(getattr(model.cfg, "tasks", None) or MT30)
+            df = evaluate(model, model_tasks, args.episodes, args.seed, plan=not args.policy,
+                          agent_overrides=overrides, max_steps=args.max_steps, env_workers=args.env_workers)
+            frames.append(df.assign(checkpoint=str(path)))
+            print(_evaluation_text(str(path), df, args))
+    except DistillError as exc:
+        return parser.refuse(exc)
+    if args.csv is not None:
+        pd.concat(frames, ignore_index=True)[["checkpoint", *COLUMNS]].to_csv(args.csv, index=False)
+        print(f"episodes: {args.csv}")
+    return 0
+
+
+def _evaluation_text(path: str, df: pd.DataFrame, args: Any) -> str:
+    """One checkpoint's result: its normalized score (± standard error), then one line per task."""
+    se = score_standard_error(df)
+    spread = f" ± {se:.2f} (standard error over episodes)" if se is not None else " (1 episode per task: no standard error)"
+    lines = [f"{path}: normalized score {normalized_score(df):.2f}{spread}; {args.episodes} episodes per task, "
+             f"seed {args.seed}, {'policy prior' if args.policy else 'MPPI'}"]
+    width = max(len(task) for task in task_scores(df))
+    lines += [f"  {task:<{width}}  {score:7.2f}" for task, score in task_scores(df).items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

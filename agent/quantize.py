@@ -18,7 +18,6 @@ Modes (every file is in this project's format + a "quant" entry, and loads back 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from agent.checkpoint import atomic_torch_save, checkpoint_payload, dequantize_entries, load_world_model
+from agent.cli import OneLineParser
 from agent.config import QUANT_MODES, QuantConfig
 from agent.errors import ConfigError, DistillError
 from agent.world_model import WorldModel
@@ -132,13 +132,8 @@ def quantize_file(ckpt: str | os.PathLike, mode: str, out: str | os.PathLike, cf
     return QuantResult(path, path.stat().st_size / MIB, mode)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"agent.quantize: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python -m agent.quantize", description="Post-training quantization of a world-model checkpoint.")
+    parser = OneLineParser("agent.quantize", description="Post-training quantization of a world-model checkpoint.")
     parser.add_argument("checkpoint", help="input checkpoint (any layout load_world_model reads)")
     parser.add_argument("--mode", required=True, help=f"one of {', '.join(QUANT_MODES)}")
     parser.add_argument("--out", required=True, help="output file (our format)")
@@ -150,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = quantize_file(args.checkpoint, args.mode, args.out, QuantConfig(args.mode, args.int8_other_dtype))
     except (DistillError, OSError) as exc:
-        print(f"agent.quantize: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
+        return parser.refuse(exc)
     print(f"{result.path}\t{result.size_mib:.3f} MiB\t{result.mode}")
     return 0
 

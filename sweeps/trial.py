@@ -18,7 +18,7 @@ import torch
 from agent.checkpoint import load_world_model, save_world_model
 from agent.config import TrainConfig, model_config
 from agent.data import EpisodeStore
-from agent.evaluate import evaluate_members, normalized_score, task_scores
+from agent.evaluate import evaluate_members, score_standard_error, task_scores
 from agent.population import Population, offline_members
 from agent.world_model import WorldModel
 from sweeps.config import TrialConfig
@@ -142,12 +142,7 @@ def _members_for_evaluation(members: Any, device: torch.device) -> list[WorldMod
 
 def _evaluation(df, episodes: int) -> Evaluation:
     """One model's evaluation rows -> task scores and the standard error of their mean."""
-    normalized_score(df)  # raises on an empty evaluation
-    per_task = df.groupby("task", sort=False)["score"]
-    if per_task.count().min() < 2:  # one episode per task: no spread to estimate the error from
-        return Evaluation(task_scores(df), None, episodes)
-    variance_of_means = per_task.var(ddof=1) / per_task.count()
-    return Evaluation(task_scores(df), float(math.sqrt(variance_of_means.sum()) / len(variance_of_means)), episodes)
+    return Evaluation(task_scores(df), score_standard_error(df), episodes)
 
 
 def _inject_faults(cfg: TrialConfig, ctx: TrialContext, step: int, members: Any) -> None:

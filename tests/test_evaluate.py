@@ -247,3 +247,38 @@ def test_members_must_share_an_architecture_and_have_one_seed_each():
         evaluation.evaluate_members([small_model(0), small_model(1)], ["cartpole-balance"], 1, [1])
     with pytest.raises(ConfigError, match="differ in architecture"):
         evaluation.evaluate_members([small_model(0), small_model(1, mlp_dim=32)], ["cartpole-balance"], 1, [1, 2])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["{missing}"], "checkpoint {missing}: no such file"),
+    (["{model}", "--episodes", "0"], "--episodes must be >= 1, got 0"),
+    (["{model}", "--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["{model}", "--tasks", ","], "--tasks names no task"),
+    (["{model}", "--tasks", "walker-fly"], "unknown task 'walker-fly'"),
+    (["{model}", "--planner", "iters=3"], "planner: unknown settings ['iters']"),
+    (["{model}", "--planner", "iterations"], "--planner 'iterations': expected KEY=VALUE"),
+    (["{model}", "--planner", "iterations=three"], "'three' is not a JSON value"),
+    (["{model}", "--csv", "{missing}/episodes.csv"], "no directory {missing}"),
+    (["{model}", "{missing}"], "checkpoint {missing}: no such file"),  # every file is checked before any runs
+])
+def test_evaluate_cli_refuses_bad_input_in_one_line(tmp_path, capsys, args, fragment):
+    from helpers import small_model
+
+    from agent.checkpoint import save_world_model
+
+    model = save_world_model(small_model(), tmp_path / "model.pt")
+    names = {"{model}": str(model), "{missing}": str(tmp_path / "missing")}
+
+    def fill(text):
+        for key, value in names.items():
+            text = text.replace(key, value)
+        return text
+
+    try:
+        code = evaluation.main([fill(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("agent.evaluate: error: ") and fill(fragment) in lines[0], lines

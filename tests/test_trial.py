@@ -457,3 +457,33 @@ def test_a_trial_trains_the_same_whether_or_not_it_built_the_teacher_cache(smoke
     for name, value in built.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, read[name]), name
+
+
+def test_python_m_agent_evaluate_reproduces_a_kept_students_final_row(smoke_inputs, tmp_path, capsys):
+    """A kept fp16 student, evaluated by `python -m agent.evaluate` with the trial's final
+    evaluation settings (its seed, episodes, episode length and planner), scores exactly what its
+    final row says; the printed score and standard error are those of the episodes it wrote."""
+    import json
+
+    import pandas as pd
+
+    from agent.evaluate import main as evaluate_main
+
+    cfg = _config(smoke_inputs, steps=10, num_seeds=2, quant_modes=["fp16"], final_eval_episodes=2)
+    collect = Collect(keep_checkpoint=tmp_path)
+    run_trial(cfg, TrialContext("e1"), collect)
+    row = next(r for r in collect.rows if r["phase"] == "final" and r["config"]["seed"] == 2)
+    planner = [f"--planner={k}={json.dumps(v)}" for k, v in cfg.eval_planner.items()]
+    csv = tmp_path / "episodes.csv"
+    path = tmp_path / STUDENTS_DIR / student_file(2, "fp16")
+    capsys.readouterr()
+    assert evaluate_main([str(path), "--seed", "2", "--episodes", str(cfg.episodes_at(cfg.steps)), "--max-steps",
+                          str(cfg.eval_max_steps), *planner, "--csv", str(csv)]) == 0
+    episodes = pd.read_csv(csv)
+    assert len(episodes) == 2 * len(row["task_scores"]) and set(episodes["checkpoint"]) == {str(path)}
+    means = episodes.groupby("task")["score"].mean().to_dict()
+    assert means == pytest.approx(row["task_scores"], abs=1e-6)
+    printed = capsys.readouterr().out
+    assert f"normalized score {row['score']:.2f} ± {row['eval_se']:.2f}" in printed
+    for task, score in row["task_scores"].items():
+        assert f"{task}" in printed and f"{score:7.2f}" in printed

@@ -451,6 +451,7 @@ def run_sweep(args: argparse.Namespace) -> Path:
             tuner = _new_tuner(args, fn, configs, base, storage_path, local_out)
         grid = tuner.fit()
         rows = merge_rows(read_rows(local_out), rows_from_result_grid(grid))
+        _keep_missing_students(tuner, grid)
     finally:
         ray.shutdown()
     write_rows(local_out, rows)
@@ -478,16 +479,32 @@ def _restore(experiment: str, fn):
         analysis_log.setLevel(level)
 
 
-def _retarget_rows(tuner, local_out: Path, remote: str | None) -> None:
-    """Point the restored experiment's StreamRows (unpickled with the first run's --out) at this
-    command's: the same sweep, but the endpoint or credentials in a remote --out's query may differ."""
+def _stream_rows(tuner):
+    """The sweep's StreamRows callback in `tuner`'s run config (unpickled with a restored experiment)."""
     from sweeps.tune_adapter import StreamRows
 
     local_tuner = getattr(tuner, "_local_tuner", None)
     run_config = local_tuner.get_run_config() if local_tuner is not None else None
-    for callback in getattr(run_config, "callbacks", None) or []:
-        if isinstance(callback, StreamRows):
-            callback.out, callback.remote = local_out, remote
+    return next((c for c in getattr(run_config, "callbacks", None) or [] if isinstance(c, StreamRows)), None)
+
+
+def _retarget_rows(tuner, local_out: Path, remote: str | None) -> None:
+    """Point the restored experiment's StreamRows (unpickled with the first run's --out) at this
+    command's: the same sweep, but the endpoint or credentials in a remote --out's query may differ."""
+    stream = _stream_rows(tuner)
+    if stream is not None:
+        stream.out, stream.remote = local_out, remote
+
+
+def _keep_missing_students(tuner, grid) -> None:
+    """Each finished trial's students from its last checkpoint, where OUT/students/ lacks them: a
+    driver killed between Tune storing that checkpoint and copying them, then resumed, skips the
+    trial, so its copy is made here."""
+    stream = _stream_rows(tuner)
+    for result in grid if stream is not None else []:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if result.checkpoint is not None and trial_id:
+            stream.keep_students(trial_id, result.checkpoint, missing_only=True)
 
 
 def check_local_gpus(gpus_per_trial: float, base: TrialConfig) -> None:

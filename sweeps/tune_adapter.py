@@ -55,21 +55,30 @@ class StreamRows(tune.Callback):
             self.mirror.changed()
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self.keep_students(trial.trial_id, checkpoint)
+
+    def keep_students(self, trial_id: str, checkpoint, missing_only: bool = False) -> None:
+        """Copy `checkpoint`'s students/ (where Tune stored it) to OUT/students/<trial_id>/; nothing
+        for a checkpoint taken during training, or with `missing_only` when that directory exists. A
+        copy that fails is reported once on stderr; the sweep goes on."""
         import pyarrow.fs as pafs
 
         from sweeps import storage
 
         source = f"{checkpoint.path.rstrip('/')}/{STUDENTS_DIR}"
         if checkpoint.filesystem.get_file_info(source).type != pafs.FileType.Directory:
-            return  # a checkpoint taken during training
+            return
         self._open()
-        destination = (storage.join(self.remote, STUDENTS_DIR, trial.trial_id) if self.remote is not None
-                       else self.out / STUDENTS_DIR / trial.trial_id)
+        destination = (storage.join(self.remote, STUDENTS_DIR, trial_id) if self.remote is not None
+                       else self.out / STUDENTS_DIR / trial_id)
+        if missing_only and (storage.exists(destination, directory=True) if self.remote is not None
+                             else Path(destination).is_dir()):
+            return
         try:
             storage.copy_dir(checkpoint.filesystem, source, destination)
-        except (OSError, ValueError) as exc:  # the sweep goes on; Tune's checkpoint still holds them
+        except (OSError, ValueError) as exc:  # Tune's checkpoint still holds them
             if not self.warned_students:
-                print(f"warning: could not copy trial {trial.trial_id}'s students to {STUDENTS_DIR}/ "
+                print(f"warning: could not copy trial {trial_id}'s students to {STUDENTS_DIR}/ "
                       f"({storage.first_line(exc)}); they stay in its checkpoint {checkpoint.path}", file=sys.stderr)
                 self.warned_students = True
 

@@ -282,9 +282,13 @@ def test_smoke_sweep_writes_results_and_report_then_resumes_without_rerunning(tm
     # forced experiment snapshots (CheckpointConfig(num_to_keep=1)) warned here at every evaluation
     assert "snapshotting" not in result.stderr
 
+    # a driver killed before copying a finished trial's students: the resumed sweep copies them from its checkpoint
+    kept = {p.relative_to(out): p.read_bytes() for p in (out / "students").rglob("*.pt")}
+    shutil.rmtree(out / "students" / row["trial_id"])
     again = _run("--grid", "d_coef", "--preset", "smoke", "--out", str(out), "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert _rows(out) == rows  # nothing re-ran, nothing lost
+    assert {p.relative_to(out): p.read_bytes() for p in (out / "students").rglob("*.pt")} == kept
     assert sorted(p.name for p in (out / "ray" / "sweep").iterdir() if p.is_dir()) == trial_dirs
 
 
@@ -313,6 +317,11 @@ def test_a_trials_students_are_copied_from_its_stored_checkpoint_to_out(tmp_path
     stream.on_checkpoint(0, [], trial, tune.Checkpoint(str(stored), pafs.LocalFileSystem()))
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "students/abc_00001/seed-4/fp16.pt", "students/abc_00001/seed-4/fp32.pt"]
+    assert (out / "students" / "abc_00001" / "seed-4" / "fp16.pt").read_bytes() == b"b"
+    (out / "students" / "abc_00001" / "seed-4" / "fp16.pt").unlink()
+    stream.keep_students("abc_00001", tune.Checkpoint(str(stored), pafs.LocalFileSystem()), missing_only=True)
+    assert not (out / "students" / "abc_00001" / "seed-4" / "fp16.pt").exists()  # the trial's directory is there
+    stream.keep_students("abc_00001", tune.Checkpoint(str(stored), pafs.LocalFileSystem()))
     assert (out / "students" / "abc_00001" / "seed-4" / "fp16.pt").read_bytes() == b"b"
 
     (out / "students" / "other").write_text("a file where the trial's directory goes")
@@ -1006,6 +1015,11 @@ def test_sweep_in_an_s3_bucket_survives_a_killed_driver_and_resumes_and_reports_
         assert sorted({r["config"]["d_coef"] for r in rows}) == [0.0, 0.05, 0.1, 0.2, 0.4, 0.45, 0.6, 0.9]
         assert all(r["status"] == "ok" for r in rows)
         assert s3.get("sweeps", "x/sweep.json") == meta  # the resumed sweep keeps its record
+        # every trial's students in the bucket, whichever driver saw the trial end
+        students = [k for k in s3.keys("sweeps", "x/students/") if k.endswith(".pt")]
+        assert sorted(students) == sorted(f"x/students/{r['trial_id']}/seed-{r['config']['seed']}/{r['quant']}.pt"
+                                          for r in rows if r["phase"] == "final")
+        assert "students: s3://sweeps/x/students/<trial_id>/seed-<seed>/<quant>.pt" in again.stdout
         assert "x/report/report.md" in s3.keys("sweeps", "x/report/")
         staging = cache / "remote" / "s3" / "sweeps" / "x"
         assert (staging / "results.jsonl").read_bytes() == s3.get("sweeps", "x/results.jsonl")

@@ -41,10 +41,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: not a file")
     try:
         with warnings.catch_warnings():
-            # torch's weights-only unpickler warns about any pickle protocol it was not written for
-            # (legacy-format files, and about 1 in 256 files of random bytes); the file either loads
-            # or fails below with one line, so the warning only adds a second line to a refusal
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # warnings of torch's own loading code that the reader of a checkpoint cannot act on:
+            # the weights-only unpickler warns about any pickle protocol it was not written for
+            # (legacy-format files, and about 1 in 256 files of random bytes: the file loads or fails
+            # below with one line, to which the warning would add a second), and rebuilding the
+            # quantized tensors of an INT8 checkpoint (the published one) warns of deprecated APIs
+            for message in ("Detected pickle protocol", "TypedStorage is deprecated", "torch.quantize_per_tensor"):
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, random bytes...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

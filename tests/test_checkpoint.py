@@ -44,7 +44,10 @@ def test_single_task_model_round_trips(tmp_path):
     ("upstream_old_format.pt", 5, 64, 64),
 ])
 def test_dimensions_are_inferred(fixtures_dir, name, num_q, latent, task_dim):
-    model = load_world_model(fixtures_dir / name)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        model = load_world_model(fixtures_dir / name)
+    assert not warned, [str(w.message)[:80] for w in warned]  # torch's own loading warnings are not the reader's
     assert (model.cfg.num_q, model.cfg.latent_dim, model.cfg.task_dim) == (num_q, latent, task_dim)
     assert len(model.cfg.tasks) == 30 and model.cfg.task_action_dims[7] == 1
 

@@ -15,7 +15,10 @@ each member planning with its own weights and random streams, as `evaluate` woul
 """
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,9 +26,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from agent.checkpoint import load_world_model
+from agent.cli import OneLineParser
+from agent.config import PlannerConfig
 from agent.envs import DMCEnv, TaskSet, check_task
 from agent.envs.workers import EnvSpec, EnvWorkers, LocalEnvs, build_env, env_group
-from agent.errors import ConfigError
+from agent.errors import ConfigError, DistillError
 from agent.planner import Agent
 from agent.tasksets import EPISODE_LENGTH, MT30
 from agent.world_model import WorldModel
@@ -260,14 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m agent.evaluate CHECKPOINT [...]`: evaluate saved students or teachers (any layout
     `load_world_model` reads) and print each one's per-task and normalized scores with the score's
     standard error; `--csv` also writes every episode."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from agent.checkpoint import load_world_model
-    from agent.cli import OneLineParser
-    from agent.errors import DistillError
-
     parser = OneLineParser("agent.evaluate", description="Evaluate world-model checkpoints with the official protocol "
                            "(batched MPPI, score = return / 10, normalized score = mean over tasks).")
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
@@ -304,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--csv {args.csv}: no directory {args.csv.parent}")
     try:
         if overrides:
-            from agent.config import PlannerConfig
-
             PlannerConfig().override(**overrides)  # a bad setting is refused before any checkpoint loads
         models = [load_world_model(path) for path in args.checkpoints]  # every file is checked before any runs
         frames = []
@@ -335,6 +331,4 @@ def _evaluation_text(path: str, df: pd.DataFrame, args: Any) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

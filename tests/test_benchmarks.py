@@ -52,8 +52,6 @@ def _divisions_by(tree: ast.Module, names: set[str]) -> list[str]:
 ALLOWED: dict[tuple[str, str], str] = {}
 
 
-@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
-
 def _assert_ratio_of_rounded(ratio, numerator, denominator, half_step, den_half_step=None, ratio_half_step=0.005):
     """A benchmark prints two figures rounded (to within `half_step`, or `den_half_step` for the
     denominator) and their ratio, from the unrounded figures, rounded to within `ratio_half_step`:
@@ -63,6 +61,15 @@ def _assert_ratio_of_rounded(ratio, numerator, denominator, half_step, den_half_
     high = ((numerator + half_step) / (denominator - den_half_step) + ratio_half_step
             if denominator > den_half_step else math.inf)
     assert low <= ratio <= high, (ratio, numerator, denominator)
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
+def test_benchmark_never_divides_by_a_typed_in_figure(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    figures = {n for n in _fixed_figures(tree) if (path.name, n) not in ALLOWED}
+    assert _divisions_by(tree, figures) == [], (
+        f"{path.name} divides by a figure typed into the script ({', '.join(sorted(figures))}): a ratio must be "
+        "against something measured in the same run; print a figure from elsewhere, labelled, instead")
 
 
 def test_the_rule_catches_the_old_update_speed_division():

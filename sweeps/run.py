@@ -6,7 +6,8 @@
       --data /data/mt30-store --address auto --gpus-per-trial 0.25 --out s3://bucket/sweeps/paper
   python sweeps/run.py --grid d_coef=0,0.2,0.4 --grid teacher_size   # your own values, crossed grids
 
-Results: OUT/sweep.json, OUT/results.jsonl (docs/results-format.md) and OUT/report/report.md.
+Results: OUT/sweep.json, OUT/results.jsonl (docs/results-format.md), OUT/report/report.md and the
+trained students, OUT/students/<trial_id>/seed-<seed>/<quant>.pt (python -m agent.evaluate FILE).
 Learning curves (losses, grad norm, lr, updates/s, per-task scores): tensorboard --logdir OUT
 """
 from __future__ import annotations

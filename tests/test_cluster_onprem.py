@@ -554,6 +554,8 @@ def test_ray_up_submit_rsync_down_ray_down(onprem):
     rows = [json.loads(ln) for ln in (local / "results.jsonl").read_text().splitlines() if ln.strip()]
     assert rows and all(not r.get("error") for r in rows), rows[:3]
     assert (local / "report" / "report.md").is_file() and (local / "sweep.json").is_file()
+    assert sorted(str(p.relative_to(local)) for p in (local / "students").rglob("*.pt")) == sorted(
+        f"students/{r['trial_id']}/seed-{r['config']['seed']}/{r['quant']}.pt" for r in rows if r["phase"] == "final")
 
     lab.forwarder.send_signal(signal.SIGTERM)
     _kill_tree(lab.forwarder.pid)

@@ -186,6 +186,31 @@ def protocol_fact(base: dict, swept: Iterable[str]) -> str | None:
     return " | ".join(parts) or None
 
 
+def students_fact(directory: Path, base: dict, swept: Iterable[str]) -> str | None:
+    """Where a sweep's trained students are (OUT/students/, docs/results-format.md) and the command
+    that re-evaluates one as its final row was evaluated, from sweep.json's base_config; None when
+    `directory` holds no students (an older sweep, or a copy of its result files alone)."""
+    students = directory / "students"
+    if not students.is_dir():
+        return None
+    where = f"`{students}/<trial_id>/seed-<seed>/<quant>.pt`"  # code spans: Markdown would take <seed> for a tag
+    swept = set(swept)
+    base = {k: v for k, v in (base or {}).items() if k not in swept}
+    episodes = base.get("final_eval_episodes") or base.get("eval_episodes")
+    if episodes is None:  # a sweep.json without the evaluation settings: the files, but no command
+        return f"trained students: {where}"
+    # the quant grid sweeps the trial field quant_modes under the key "quant"
+    quant = base["quant_modes"][0] if base.get("quant_modes") and "quant" not in swept else "<quant>"
+    command = [f"python -m agent.evaluate {students}/<trial_id>/seed-<seed>/{quant}.pt --seed <seed>",
+               f"--episodes {format_value(episodes)}"]
+    if base.get("eval_max_steps") is not None:
+        command.append(f"--max-steps {format_value(base['eval_max_steps'])}")
+    command += [f"--planner {k}={json.dumps(v)}" for k, v in sorted((base.get("eval_planner") or {}).items())]
+    if base.get("eval_plan") is False:
+        command.append("--policy")
+    return f"trained students: {where}; one re-evaluated as its final row was: `{' '.join(command)}`"
+
+
 def report_title(results: SweepResults) -> str:
     pooled = results.meta.get("pooled")
     suffix = f" ({len(pooled)} sweeps pooled)" if pooled else ""
@@ -228,6 +253,10 @@ def report_blocks(results: SweepResults, trials, tables: list[Table], images: di
     protocol = protocol_fact(meta.get("base_config") or {}, results.swept)
     if protocol:
         facts.append(protocol)
+    students = None if meta.get("pooled") else students_fact(results.directory, meta.get("base_config") or {},
+                                                             results.swept)
+    if students:
+        facts.append(students)
     if isinstance(meta.get("teacher"), dict):
         facts.append("teacher: " + ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
                                              for k, v in sorted(meta["teacher"].items())))

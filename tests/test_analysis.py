@@ -1009,3 +1009,28 @@ def test_the_facts_state_the_protocol_every_trial_shares(tmp_path):
                                                     "evaluation: every 50000 updates (10 episodes per task); "
                                                     "planner the official one")
     assert protocol_fact({}, []) is None  # a sweep without sweep.json states nothing it does not know
+
+
+def test_the_facts_say_where_the_students_are_and_how_one_is_re_evaluated(tmp_path):
+    """With OUT/students/ (a sweep that kept its students), the facts name the files and the
+    `python -m agent.evaluate` command of a final row's evaluation, from base_config; a copy of the
+    result files alone, or a sweep.json without the evaluation settings, says no more than it knows."""
+    from analysis.report import students_fact
+
+    quick_like = {**BASE_CONFIG, "eval_episodes": 1, "final_eval_episodes": 6, "eval_max_steps": 200,
+                  "eval_plan": True, "eval_planner": {"num_samples": 128, "iterations": 3}, "quant_modes": ["fp32"]}
+    sweep = write_sweep(tmp_path / "sweep", d_coef_rows(), base_config=quick_like)
+    before = build_report(sweep, formats=("md",)).read_text()
+    assert "trained students" not in before
+    (sweep / "students").mkdir()
+    facts = [line for line in build_report(sweep, formats=("md",)).read_text().splitlines()
+             if line.startswith("- trained students: ")]
+    assert facts == [f"- trained students: `{sweep}/students/<trial_id>/seed-<seed>/<quant>.pt`; one re-evaluated as "
+                     f"its final row was: `python -m agent.evaluate {sweep}/students/<trial_id>/seed-<seed>/fp32.pt "
+                     "--seed <seed> --episodes 6 --max-steps 200 --planner iterations=3 --planner num_samples=128`"]
+    paper = {"eval_episodes": 10, "eval_planner": {}, "eval_plan": False, "quant_modes": ["fp32", "fp16"]}
+    assert students_fact(sweep, paper, ["quant"]).endswith(
+        f"`python -m agent.evaluate {sweep}/students/<trial_id>/seed-<seed>/<quant>.pt --seed <seed> --episodes 10 "
+        "--policy`")
+    assert students_fact(sweep, {}, []) == f"trained students: `{sweep}/students/<trial_id>/seed-<seed>/<quant>.pt`"
+    assert students_fact(tmp_path / "copy", quick_like, []) is None

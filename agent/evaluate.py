@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--planner", action="append", default=[], metavar="KEY=VALUE",
                         help="an MPPI setting (JSON value), e.g. --planner iterations=3 --planner num_samples=128")
     parser.add_argument("--policy", action="store_true", help="act with the policy prior's mean instead of MPPI")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the model plans (default auto: cuda when torch sees a GPU, else cpu)")
     parser.add_argument("--env-workers", type=int, default=0, help="processes stepping the environments (default 0)")
     parser.add_argument("--csv", type=Path, default=None, help="also write every episode here (checkpoint, task, "
                         "episode, return, score)")
@@ -300,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tasks names no task")
     if args.csv is not None and not args.csv.parent.is_dir():
         parser.error(f"--csv {args.csv}: no directory {args.csv.parent}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU on this machine")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if overrides:
             PlannerConfig().override(**overrides)  # a bad setting is refused before any checkpoint loads
-        models = [load_world_model(path) for path in args.checkpoints]  # every file is checked before any runs
+        models = [load_world_model(path, device=device) for path in args.checkpoints]  # all checked before any runs
         frames = []
         for path, model in zip(args.checkpoints, models):
             model_tasks = tasks if tasks is not None else list(getattr(model.cfg, "tasks", None) or MT30)

@@ -260,9 +260,14 @@ def test_members_must_share_an_architecture_and_have_one_seed_each():
     (["{model}", "--planner", "iterations=three"], "'three' is not a JSON value"),
     (["{model}", "--csv", "{missing}/episodes.csv"], "no directory {missing}"),
     (["{model}", "{missing}"], "checkpoint {missing}: no such file"),  # every file is checked before any runs
+    (["{model}", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["{model}", "--device", "cuda"], "--device cuda: torch sees no CUDA GPU on this machine"),
 ])
 def test_evaluate_cli_refuses_bad_input_in_one_line(tmp_path, capsys, args, fragment):
     from helpers import small_model
+
+    if args[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
 
     from agent.checkpoint import save_world_model
 

@@ -66,17 +66,17 @@ class StreamRows(tune.Callback):
         from sweeps import storage
 
         source = f"{checkpoint.path.rstrip('/')}/{STUDENTS_DIR}"
-        if checkpoint.filesystem.get_file_info(source).type != pafs.FileType.Directory:
-            return
         self._open()
         destination = (storage.join(self.remote, STUDENTS_DIR, trial_id) if self.remote is not None
                        else self.out / STUDENTS_DIR / trial_id)
-        if missing_only and (storage.exists(destination, directory=True) if self.remote is not None
-                             else Path(destination).is_dir()):
-            return
         try:
+            if checkpoint.filesystem.get_file_info(source).type != pafs.FileType.Directory:
+                return
+            if missing_only and (storage.exists(destination, directory=True) if self.remote is not None
+                                 else Path(destination).is_dir()):
+                return
             storage.copy_dir(checkpoint.filesystem, source, destination)
-        except (OSError, ValueError) as exc:  # Tune's checkpoint still holds them
+        except (OSError, ValueError) as exc:  # Tune's checkpoint still holds them; the sweep's rows and report go on
             if not self.warned_students:
                 print(f"warning: could not copy trial {trial_id}'s students to {STUDENTS_DIR}/ "
                       f"({storage.first_line(exc)}); they stay in its checkpoint {checkpoint.path}", file=sys.stderr)

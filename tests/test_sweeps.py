@@ -328,6 +328,12 @@ def test_a_trials_students_are_copied_from_its_stored_checkpoint_to_out(tmp_path
     for _ in range(2):
         stream.on_checkpoint(0, [], types.SimpleNamespace(trial_id="other"),
                              tune.Checkpoint(str(stored), pafs.LocalFileSystem()))
+
+    class Unreachable:  # a store that fails even to list the checkpoint: the sweep goes on all the same
+        def get_file_info(self, path):
+            raise OSError("connection refused")
+
+    stream.keep_students("third", types.SimpleNamespace(path="bucket/ckpt", filesystem=Unreachable()), missing_only=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: could not copy trial other's students to students/")
     assert err[0].endswith(f"they stay in its checkpoint {stored}")

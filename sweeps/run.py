@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "WandbLoggerCallback; needs `pip install wandb` and a wandb login)")
     p.add_argument("--list-settings", action="store_true",
                    help="print every --set setting with the preset's value (train.* = the agent's TrainConfig) and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything as a sweep would, print its trials, resources, evaluations and output, "
+                        "and exit without starting Ray or writing anything")
     return p
 
 
@@ -584,6 +587,66 @@ def run_callbacks(args: argparse.Namespace, local_out: Path) -> list:
     return callbacks
 
 
+def dry_run_text(args: argparse.Namespace) -> str:
+    """What `args` would run, after every check a sweep makes before Ray starts (validate_args): its
+    trials with their seeds, updates, batch and teacher, each trial's resources, the evaluations and
+    where the results would go. Starts nothing and writes nothing."""
+    from sweeps.preflight import plan_inputs, where
+    from sweeps.tune_adapter import TrialNamer
+
+    base, overrides = validate_args(args)
+    if args.address is None:
+        check_local_gpus(args.gpus_per_trial, base)
+    inputs = plan_inputs(args.preset, args.teacher, args.data).inputs
+    configs = trial_configs(args, base, inputs.teachers, inputs.default_teacher, overrides)
+    store_tasks = list(base.eval_tasks) or _planned_tasks(inputs.data)
+    searched = [d.key for d in parse_space(args.space)] if args.search == "optuna" else []
+    out = args.out or _default_out(args)
+    seeds = args.seeds or base.num_seeds
+    lines = ["dry run: checked as the sweep would be; nothing was started or written"]
+    if searched:
+        lines.append(f"search: optuna over {', '.join(searched)}, {args.num_samples} trials of {seeds} seed{'' if seeds == 1 else 's'} each, "
+                     f"ASHA stopping; preset {args.preset}, on {len(store_tasks)} tasks ({', '.join(store_tasks)})")
+    else:
+        lines.append(f"grid: {describe_grids(grid_specs(args))}, preset {args.preset}: {len(configs)} trials x {seeds} "
+                     f"seed{'' if seeds == 1 else 's'} = {len(configs) * seeds} students, on {len(store_tasks)} tasks ({', '.join(store_tasks)})")
+        namer = TrialNamer(None if grid_specs(args)[0].key == "paper" else specs_swept_keys(grid_specs(args)))
+        width = max(len(namer.label({"trial": c})) for c in configs)
+        for cfg in configs:
+            teacher = f"teacher {cfg['teacher_size']} ({where(cfg['teacher'])})" if cfg["d_coef"] > 0 else "no teacher"
+            lines.append(f"  {namer.label({'trial': cfg}):<{width}}  {cfg['steps']} updates, batch {cfg['batch_size']}, "
+                         f"{teacher}")
+    trials = args.num_samples if searched else len(configs)
+    if args.address is None:
+        machine = float(os.cpu_count() or 1)
+        cpus = trial_cpus(args.cpus_per_trial, trials, machine, args.gpus_per_trial, args.address)
+        at_once = min(trials, int(machine // cpus)) if cpus > 0 else trials
+        lines.append(f"each trial: {cpus:g} CPU, {args.gpus_per_trial:g} GPU; this machine's own Ray with {machine:g} "
+                     f"CPUs runs {at_once} of the {trials} trials at once")
+    else:
+        lines.append(f"each trial: {args.cpus_per_trial or 1:g} CPU, {args.gpus_per_trial:g} GPU, on the Ray "
+                     f"cluster at {args.address}")
+    first = TrialConfig.from_dict(configs[0])
+    points = ([0] if first.eval_at_start else []) + list(range(first.eval_every, first.steps, first.eval_every))
+    def per_task(n: int) -> str:
+        return f"{n} episode{'' if n == 1 else 's'} per task"
+
+    during = ", ".join(str(p) for p in points)
+    evaluation = (f"after updates {during} ({per_task(first.eval_episodes)}) and " if points else "") + \
+        f"after the last ({per_task(first.episodes_at(first.steps))}), {first.eval_max_steps or 500}-step episodes"
+    lines.append(f"evaluation: {evaluation}; final precisions: {', '.join(first.quant_modes) or 'none'}")
+    lines.append(f"results: {storage.display(out) if storage.is_remote(out) else out} "
+                 "(sweep.json, results.jsonl, report/, students/)")
+    return "\n".join(lines)
+
+
+def _planned_tasks(data: str) -> list[str]:
+    """The task names of the store a sweep will read (the smoke preset's planned one included)."""
+    from sweeps.setup import SMOKE_PLANNED, SMOKE_TASKS
+
+    return list(SMOKE_TASKS) if data.startswith(SMOKE_PLANNED) else _store_tasks(data)
+
+
 def list_settings(preset: str) -> str:
     """Every setting `--set` accepts, with its value in `preset`: the trial's own fields, then the
     agent's training settings as `train.*` (from agent.config.TrainConfig, nested as there)."""
@@ -621,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         print(list_settings(args.preset))
         return 0
     try:
+        if args.dry_run:
+            print(dry_run_text(args))
+            return 0
         out = run_sweep(args)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -292,6 +292,31 @@ def test_smoke_sweep_writes_results_and_report_then_resumes_without_rerunning(tm
     assert sorted(p.name for p in (out / "ray" / "sweep").iterdir() if p.is_dir()) == trial_dirs
 
 
+def test_dry_run_checks_and_prints_the_sweep_without_starting_ray_or_writing(sweeps_run, capsys, tmp_path):
+    """--dry-run: every check a sweep makes, then the trials (label, updates, batch, teacher), the
+    resources this machine gives each, the evaluations and OUT; Ray never starts, nothing is written;
+    input a sweep refuses is refused the same way."""
+    out = tmp_path / "out"
+    assert sweeps_run.main(["--dry-run", "--preset", "smoke", "--out", str(out), "--set", "steps=90"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("grid: d_coef, preset smoke: 8 trials x 1 seed = 8 students, on 2 tasks "
+                        "(cartpole-balance, pendulum-swingup)")
+    trials = [line.split() for line in lines if line.startswith("  ")]
+    assert [t[0] for t in trials] == [f"d_coef={d},seed=1" for d in ("0", "0.05", "0.1", "0.2", "0.4", "0.45", "0.6", "0.9")]
+    assert " ".join(trials[0][1:]) == "90 updates, batch 32, no teacher"
+    assert all(" ".join(t[1:]) == "90 updates, batch 32, teacher large (the smoke preset's teacher-large, built in "
+               "OUT/_setup)" for t in trials[1:])
+    cpus = os.cpu_count() or 1
+    each = sweeps_run.trial_cpus(None, 8, float(cpus), 0.0, None)
+    assert f"each trial: {each:g} CPU, 0 GPU; this machine's own Ray with {cpus} CPUs runs {min(8, int(cpus // each))} " \
+        "of the 8 trials at once" in lines
+    assert ("evaluation: after updates 30, 60 (1 episode per task) and after the last (1 episode per task), 20-step "
+            "episodes; final precisions: fp32, fp16") in lines
+    assert lines[-1] == f"results: {out} (sweep.json, results.jsonl, report/, students/)"
+    assert not out.exists()
+    assert "d_coef must be >= 0, got -1" in _refusal(sweeps_run, capsys, tmp_path, "--dry-run", "--set", "d_coef=-1")
+
+
 def test_a_trials_students_are_copied_from_its_stored_checkpoint_to_out(tmp_path, capsys):
     """Driver side, local OUT: a checkpoint with students/ (a trial's last) is copied to
     OUT/students/<trial_id>/, one taken during training is not; a copy that fails warns once and

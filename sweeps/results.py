@@ -14,7 +14,7 @@ SWEEP_FILE = "sweep.json"
 STUDENTS_DIR = "students"  # OUT/students/<trial_id>/, and students/ in a trial's last checkpoint
 
 
-def student_file(seed: int, quant: str) -> str:
+def student_file(seed: int | str, quant: str) -> str:
     """Where the trained student of member `seed` at precision `quant` is, relative to its trial's
     students directory (OUT/students/<trial_id>/): `seed-<seed>/<quant>.pt`."""
     return f"seed-{seed}/{quant}.pt"

@@ -603,19 +603,22 @@ def dry_run_text(args: argparse.Namespace) -> str:
     searched = [d.key for d in parse_space(args.space)] if args.search == "optuna" else []
     out = args.out or _default_out(args)
     seeds = args.seeds or base.num_seeds
+    seeds_text = f"{seeds} seed{'' if seeds == 1 else 's'}"
+    tasks_text = f"{len(store_tasks)} tasks ({', '.join(store_tasks)})"
     lines = ["dry run: checked as the sweep would be; nothing was started or written"]
     if searched:
-        lines.append(f"search: optuna over {', '.join(searched)}, {args.num_samples} trials of {seeds} seed{'' if seeds == 1 else 's'} each, "
-                     f"ASHA stopping; preset {args.preset}, on {len(store_tasks)} tasks ({', '.join(store_tasks)})")
+        lines.append(f"search: optuna over {', '.join(searched)}, {args.num_samples} trials of {seeds_text} each, "
+                     f"ASHA stopping; preset {args.preset}, on {tasks_text}")
     else:
-        lines.append(f"grid: {describe_grids(grid_specs(args))}, preset {args.preset}: {len(configs)} trials x {seeds} "
-                     f"seed{'' if seeds == 1 else 's'} = {len(configs) * seeds} students, on {len(store_tasks)} tasks ({', '.join(store_tasks)})")
-        namer = TrialNamer(None if grid_specs(args)[0].key == "paper" else specs_swept_keys(grid_specs(args)))
-        width = max(len(namer.label({"trial": c})) for c in configs)
-        for cfg in configs:
+        specs = grid_specs(args)
+        lines.append(f"grid: {describe_grids(specs)}, preset {args.preset}: {len(configs)} trials x {seeds_text} = "
+                     f"{len(configs) * seeds} students, on {tasks_text}")
+        namer = TrialNamer(None if specs[0].key == "paper" else specs_swept_keys(specs))
+        labels = [namer.label({"trial": cfg}) for cfg in configs]
+        width = max(len(label) for label in labels)
+        for label, cfg in zip(labels, configs):
             teacher = f"teacher {cfg['teacher_size']} ({where(cfg['teacher'])})" if cfg["d_coef"] > 0 else "no teacher"
-            lines.append(f"  {namer.label({'trial': cfg}):<{width}}  {cfg['steps']} updates, batch {cfg['batch_size']}, "
-                         f"{teacher}")
+            lines.append(f"  {label:<{width}}  {cfg['steps']} updates, batch {cfg['batch_size']}, {teacher}")
     trials = args.num_samples if searched else len(configs)
     if args.address is None:
         machine = float(os.cpu_count() or 1)
@@ -628,6 +631,7 @@ def dry_run_text(args: argparse.Namespace) -> str:
                      f"cluster at {args.address}")
     first = TrialConfig.from_dict(configs[0])
     points = ([0] if first.eval_at_start else []) + list(range(first.eval_every, first.steps, first.eval_every))
+
     def per_task(n: int) -> str:
         return f"{n} episode{'' if n == 1 else 's'} per task"
 
@@ -691,20 +695,21 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from sweeps.results import STUDENTS_DIR
+    from sweeps.results import STUDENTS_DIR, student_file
 
     report = out / "report" / "report.md"
+    students = f"{STUDENTS_DIR}/<trial_id>/{student_file('<seed>', '<quant>')}"
     if args.out is not None and storage.is_remote(args.out):
         where = storage.display(args.out)
         print(f"results: {where}/results.jsonl (staged in {out})")
         print(f"report:  {where + '/report/report.md' if report.exists() else '(not written)'}")
         if storage.exists(storage.join(args.out, STUDENTS_DIR), directory=True):
-            print(f"students: {where}/{STUDENTS_DIR}/<trial_id>/seed-<seed>/<quant>.pt")
+            print(f"students: {where}/{students}")
     else:
         print(f"results: {out / 'results.jsonl'}")
         print(f"report:  {report if report.exists() else '(not written)'}")
         if (out / STUDENTS_DIR).is_dir():
-            print(f"students: {out / STUDENTS_DIR}/<trial_id>/seed-<seed>/<quant>.pt")
+            print(f"students: {out}/{students}")
     from sweeps.results import RESULTS_FILE, read_rows
 
     total, failed, common = failure_summary(read_rows(out))
